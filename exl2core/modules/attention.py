@@ -1,0 +1,93 @@
+"""Self-attention sub-block: pre-norm, q/k/v projections, optional q/k norms, RoPE, causal attention
+(GQA/MQA, optional sliding window and logit soft-capping), output projection, optional post-norm,
+residual add. Positions are 0 … T−1 of each row; calibration never needs a KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from exl2core.modules.linear import Capture, apply_linear, capture_inputs
+from exl2core.modules.norm import norm_role
+from exl2core.modules.rope import apply_rope, rope_tables
+from exl2core.plan import Module
+
+#: Bytes of float32 attention scores the explicit path materialises at once (bounded by head chunking).
+SCORE_BUDGET = 1 << 28
+
+
+def causal_mask(t: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """``[T, T]`` bool, True where query i may attend key j: j ≤ i and, with a window, i − j < window."""
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    return allowed
+
+
+def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                    window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention with float32 scores and softmax, soft-capped as ``c·tanh(s/c)`` if asked.
+
+    ``q``: ``[B, H, T, D]``; ``k``, ``v``: ``[B, H, T, D]`` (already repeated for GQA)."""
+    t = q.shape[-2]
+    mask = causal_mask(t, window, q.device)
+    heads_per_chunk = max(1, SCORE_BUDGET // (4 * t * t * q.shape[0]))
+    out = []
+    for h0 in range(0, q.shape[1], heads_per_chunk):
+        sl = slice(h0, h0 + heads_per_chunk)
+        scores = (q[:, sl].float() @ k[:, sl].float().transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out.append(torch.softmax(scores, dim=-1).to(v.dtype) @ v[:, sl])
+    return torch.cat(out, dim=1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention over ``[B, H, T, D]`` tensors (``k``/``v`` may have fewer heads: GQA/MQA).
+
+    Without soft-capping this is torch's fused attention (float32 softmax inside, no T×T buffer on
+    CUDA); soft-capping needs the explicit scores."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if softcap is not None:
+        return attend_explicit(q, k, v, scale=scale, window=window, softcap=softcap)
+    t = q.shape[-2]
+    if window is None or window >= t:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, window, q.device), scale=scale)
+
+
+def attention_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                      capture: Capture | None = None) -> torch.Tensor:
+    """``x + o_proj(attention(norm(x)))`` for ``x`` of shape ``[B, T, hidden]``."""
+    f = module.fields
+    b, t, _ = x.shape
+    heads, kv_heads, head_dim = f["num_heads"], f["num_kv_heads"], f["head_dim"]
+    h = norm_role(x, weights, "input_norm", f, out_dtype=weights["q_proj"].dtype)
+    capture_inputs(module, ("q_proj", "k_proj", "v_proj"), h, capture)
+    q = apply_linear(weights, "q_proj", h).view(b, t, heads, head_dim)
+    k = apply_linear(weights, "k_proj", h).view(b, t, kv_heads, head_dim)
+    v = apply_linear(weights, "v_proj", h).view(b, t, kv_heads, head_dim)
+    if "q_norm" in weights:
+        q = norm_role(q, weights, "q_norm", f)
+        k = norm_role(k, weights, "k_norm", f)
+    q, k, v = (a.transpose(1, 2) for a in (q, k, v))
+    rope = f.get("rope")
+    if rope is not None and rope.kind != "none":
+        style = f.get("rope_style", "neox")
+        cos, sin = rope_tables(rope, head_dim, t, style, f.get("max_position"), q.device)
+        q, k = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
+    scale = f.get("scale") or head_dim ** -0.5
+    out = attend(q, k, v, scale=scale, window=f.get("sliding_window"), softcap=f.get("softcap"))
+    out = out.transpose(1, 2).reshape(b, t, heads * head_dim)
+    capture_inputs(module, ("o_proj",), out, capture)
+    out = apply_linear(weights, "o_proj", out)
+    if "post_norm" in weights:
+        out = norm_role(out, weights, "post_norm", f)
+    return x + out.to(x.dtype)

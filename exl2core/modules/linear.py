@@ -1,0 +1,30 @@
+"""Applying a module's linears from its weight dict, reporting their inputs for Hessian collection."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from exl2core.plan import Module
+
+Capture = Callable[[str, torch.Tensor], None]
+
+
+def capture_inputs(module: Module, names: tuple[str, ...], x: torch.Tensor, capture: Capture | None) -> None:
+    """Report ``x`` once per distinct ``Linear.input`` among the linears ``names`` (those present).
+
+    Linears sharing an input share one Hessian, so the activation must be counted once, not once per
+    linear."""
+    if capture is None:
+        return
+    present = {lin.name: lin.input for lin in module.linears}
+    for input_name in dict.fromkeys(present[n] for n in names if n in present):
+        capture(input_name, x)
+
+
+def apply_linear(weights: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x · Wᵀ + b`` in the weight's dtype (the bias is ``weights[name + ".bias"]`` when present)."""
+    w = weights[name]
+    return F.linear(x.to(w.dtype), w, weights.get(name + ".bias"))

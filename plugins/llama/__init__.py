@@ -1,0 +1,53 @@
+"""Llama-family architectures: Llama, Mistral, Qwen2.
+
+All three are the plain pre-norm decoder (RMSNorm, NeoX RoPE, SiLU-gated MLP); they differ only in
+which projections carry a bias. Mistral's and Qwen2's sliding windows come from the config.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+from exl2core.model.config import ModelConfig
+from exl2core.modules.decoder import DecoderSpec, dense_decoder_plan
+from exl2core.plan import ModelPlan
+
+hookimpl = pluggy.HookimplMarker("exl2core")
+
+
+def _llama(config: ModelConfig) -> DecoderSpec:
+    """Biases only where config.json asks for them (``attention_bias``, ``mlp_bias``)."""
+    attention_bias = bool(config.get("attention_bias", default=False))
+    return DecoderSpec(qkv_bias=attention_bias, o_bias=attention_bias,
+                       mlp_bias=bool(config.get("mlp_bias", default=False)))
+
+
+def _qwen2(config: ModelConfig) -> DecoderSpec:
+    """q/k/v always have a bias, o_proj never."""
+    return DecoderSpec(qkv_bias=True)
+
+
+#: architectures / model_type → the decoder it is.
+ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
+    "LlamaForCausalLM": _llama,
+    "MistralForCausalLM": _llama,
+    "Qwen2ForCausalLM": _qwen2,
+    "llama": _llama,
+    "mistral": _llama,
+    "qwen2": _qwen2,
+}
+
+
+@hookimpl
+def exl2_architectures() -> list[str]:
+    return list(ARCHITECTURES)
+
+
+@hookimpl
+def exl2_model_plan(config: ModelConfig, architecture: str) -> ModelPlan | None:
+    spec = ARCHITECTURES.get(architecture)
+    if spec is None:
+        return None
+    return dense_decoder_plan(config, architecture, spec(config))

@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny random HuggingFace models written to disk like real checkpoints.
+
+``make_tiny_model(path, model_type, ...)`` builds any transformers causal LM from a small config, gives
+it weights large enough that mistakes show in the logits (norm weights ≠ 1, non-zero biases), saves it
+with safetensors (optionally sharded, in the transformers-5 or the classic config style) and writes a
+word-level tokenizer.json. The ``tiny_model`` fixture caches models per parameter set for the session.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_DIMS = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 num_hidden_layers=2, intermediate_size=128, vocab_size=300, max_position_embeddings=256)
+
+
+@dataclass
+class TinyModel:
+    """A tiny model on disk (``path``) and the same model in memory (``hf``, float32, eager attention)."""
+
+    path: Path
+    hf: torch.nn.Module
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.config.vocab_size
+
+    def hf_logits(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """transformers' float32 logits of ``ids`` with the model run in ``dtype``."""
+        model = self.hf if dtype == torch.float32 else _copy_to(self.hf, dtype)
+        with torch.inference_mode():
+            return model(input_ids=ids).logits.float()
+
+    def random_ids(self, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.vocab_size, (batch, length), generator=g)
+
+
+def _copy_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return copy.deepcopy(model).to(dtype)
+
+
+def randomize_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Unit-scale random weights: embeddings N(0,1), matrices N(0, 1/fan_in), norms 1 ± 0.3, biases ± 0.3.
+
+    HF's default init (std 0.02, norms = 1) gives near-uniform logits that hide most bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * noise if "norm" in name else 0.3 * noise)
+            elif "embed" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise / math.sqrt(p.shape[-1]))
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json over ``<unk> <s> </s> w3 … w{vocab_size−1}``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+
+
+def to_classic_style(config_path: Path) -> None:
+    """Rewrite a transformers-5 config.json in the classic style: top-level ``rope_theta`` and
+    ``rope_scaling`` (``type`` for linear as old checkpoints have it, ``rope_type`` otherwise)."""
+    config = json.loads(config_path.read_text())
+    params = dict(config.pop("rope_parameters", None) or {})
+    config["rope_theta"] = params.pop("rope_theta", 10000.0)
+    kind = params.pop("rope_type", "default")
+    kind_key = "type" if kind == "linear" else "rope_type"
+    config["rope_scaling"] = None if kind == "default" else {kind_key: kind, **params}
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def make_tiny_model(path: Path, model_type: str = "llama", *, style: str = "v5", seed: int = 0,
+                    max_shard_size: str | None = None, **config_overrides) -> TinyModel:
+    """Write a tiny random ``model_type`` checkpoint to ``path`` and return it with its HF model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY_DIMS, **config_overrides})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    randomize_weights(model, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    if style == "classic":
+        to_classic_style(path / "config.json")
+    write_tokenizer(path, config.vocab_size)
+    return TinyModel(path, model)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(model_type="llama", **kwargs)`` → a cached :class:`TinyModel` (see make_tiny_model)."""
+    cache: dict[str, TinyModel] = {}
+
+    def make(model_type: str = "llama", **kwargs) -> TinyModel:
+        key = json.dumps([model_type, kwargs], sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = make_tiny_model(tmp_path_factory.mktemp(model_type), model_type, **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model) -> TinyModel:
+    """The default tiny Llama (untied head, default RoPE, transformers-5 config style)."""
+    return tiny_model("llama")

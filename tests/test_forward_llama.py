@@ -1,0 +1,294 @@
+"""The reference forward and the llama plugin against transformers, plus the building blocks alone."""
+
+from __future__ import annotations
+
+import math
+
+import pluggy
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exl2core.errors import Exl2Error
+from exl2core.model.config import ModelConfig, RopeSpec
+from exl2core.model.source import SourceModel
+from exl2core.model.streaming import forward_logits
+from exl2core.modules.attention import attend, attend_explicit
+from exl2core.modules.forward import module_forward
+from exl2core.modules.norm import normalize
+from exl2core.modules.rope import apply_rope, attention_factor, inv_freq, rope_tables
+from exl2core.plan import Module
+from exl2core.plugins import plugin_manager, resolve_plan
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+LINEAR = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+
+MODELS = {
+    "llama": ("llama", {}),
+    "llama-tied-classic": ("llama", {"tie_word_embeddings": True, "style": "classic"}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True, "style": "classic"}),
+    "llama3-rope": ("llama", {"rope_parameters": LLAMA3}),
+    "llama3-rope-classic": ("llama", {"rope_parameters": LLAMA3, "style": "classic"}),
+    "linear-rope-classic": ("llama", {"rope_parameters": LINEAR, "style": "classic"}),
+    "mistral-window": ("mistral", {"sliding_window": 16}),
+    "qwen2": ("qwen2", {}),
+    "qwen2-tied-classic": ("qwen2", {"tie_word_embeddings": True, "style": "classic"}),
+}
+
+
+def _half_dtype() -> torch.dtype:
+    """float16 where this CPU build can multiply it, else bfloat16."""
+    try:
+        F.linear(torch.ones(1, 2, dtype=torch.float16), torch.ones(2, 2, dtype=torch.float16))
+        return torch.float16
+    except RuntimeError:
+        return torch.bfloat16
+
+
+def _kl(reference: torch.Tensor, ours: torch.Tensor) -> float:
+    """Mean over tokens of KL(reference ‖ ours)."""
+    p = torch.log_softmax(reference.float(), -1)
+    q = torch.log_softmax(ours.float(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def _open(model):
+    source = SourceModel(model.path)
+    return source, resolve_plan(source.config)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_match_transformers(tiny_model, name):
+    model_type, kwargs = MODELS[name]
+    model = tiny_model(model_type, **kwargs)
+    source, plan = _open(model)
+    ids = model.random_ids()
+    reference = model.hf_logits(ids)
+    ours = forward_logits(source, plan, ids)
+    assert ours.dtype == torch.float32 and ours.shape == reference.shape == (2, 48, 300)
+    assert (ours - reference).abs().max().item() <= 1e-4
+    half = _half_dtype()
+    assert _kl(model.hf_logits(ids, half), forward_logits(source, plan, ids, dtype=half)) <= 1e-4
+
+
+def _with_field(plan, kind, **fields):
+    for module in plan.modules:
+        if module.kind == kind:
+            module.fields.update(fields)
+    return plan
+
+
+def test_window_and_rope_scaling_change_the_logits(tiny_model):
+    """The match above is not luck: dropping the window or the scaling breaks it."""
+    mistral = tiny_model("mistral", sliding_window=16)
+    source, plan = _open(mistral)
+    ids = mistral.random_ids()
+    assert plan.modules[1].fields["sliding_window"] == 16
+    wrong = forward_logits(source, _with_field(plan, "attention", sliding_window=None), ids)
+    assert (wrong - mistral.hf_logits(ids)).abs().max().item() > 1e-2
+
+    scaled = tiny_model("llama", rope_parameters=LLAMA3)
+    source, plan = _open(scaled)
+    assert plan.modules[1].fields["rope"].kind == "llama3"
+    wrong = forward_logits(source, _with_field(plan, "attention", rope=RopeSpec()), ids)
+    assert (wrong - scaled.hf_logits(ids)).abs().max().item() > 1e-2
+
+
+def test_plan_describes_the_architecture(tiny_model):
+    source, plan = _open(tiny_model("qwen2", tie_word_embeddings=True, style="classic"))
+    kinds = [m.kind for m in plan.modules]
+    assert kinds == ["embedding"] + ["attention", "mlp"] * 2 + ["norm", "head"]
+    attn, mlp = plan.modules[3], plan.modules[4]
+    assert attn.key == mlp.key == "model.layers.1"
+    assert (attn.measurement_key, mlp.measurement_key) == ("model.layers.1.self_attn", "model.layers.1.mlp")
+    assert [(lin.name, lin.bias, lin.input) for lin in attn.linears] == [
+        ("q_proj", True, "attn_in"), ("k_proj", True, "attn_in"), ("v_proj", True, "attn_in"),
+        ("o_proj", False, "attn_out")]
+    assert attn.linear("k_proj").key == "model.layers.1.self_attn.k_proj"
+    assert attn.linear("k_proj").out_features == 32
+    assert mlp.slots[0].roles == ("gate_proj", "up_proj", "down_proj")
+    assert plan.head.linears[0].source == "model.embed_tokens" and plan.head.linears[0].key == "lm_head"
+    assert plan.head.mode == "linear" and plan.modules[-2].key == "model.norm"
+    assert all(source.has(key) for m in plan.modules for key in m.tensors.values())
+    assert all(source.has(lin.source + ".weight") for m in plan.modules for lin in m.linears)
+
+
+def test_model_type_and_plugin_name_resolve(tiny_llama):
+    config = ModelConfig.from_dict({**SourceModel(tiny_llama.path).config.raw, "architectures": ["MyLlama"]})
+    assert resolve_plan(config).architecture == "llama"
+    assert resolve_plan(SourceModel(tiny_llama.path).config, "llama").architecture == "LlamaForCausalLM"
+
+
+def test_capture_reports_each_linear_input_once(tiny_llama):
+    """The captured activations are exactly what transformers' q_proj, o_proj, up and down receive."""
+    source, plan = _open(tiny_llama)
+    ids = tiny_llama.random_ids(batch=1, length=32)
+    layer = tiny_llama.hf.model.layers[1]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(n, args[0].detach()))
+             for n, mod in [("attn_in", layer.self_attn.q_proj), ("attn_out", layer.self_attn.o_proj),
+                            ("mlp_in", layer.mlp.up_proj), ("mlp_down", layer.mlp.down_proj)]]
+    tiny_llama.hf_logits(ids)
+    for hook in hooks:
+        hook.remove()
+
+    captured: list[tuple[str, torch.Tensor]] = []
+    x = ids
+    for module in plan.modules[:5]:
+        weights = source.module_weights(module, torch.float32, "cpu")
+        capture = (lambda n, t: captured.append((n, t))) if module.key == "model.layers.1" else None
+        x = module_forward(module)(module, weights, x, capture)
+    assert [n for n, _ in captured] == ["attn_in", "attn_out", "mlp_in", "mlp_down"]
+    for n, t in captured:
+        assert (t - seen[n]).abs().max().item() <= 1e-5, n
+
+
+def test_weights_override_replaces_source_tensors(tiny_llama):
+    source, plan = _open(tiny_llama)
+    ids = tiny_llama.random_ids(batch=1)
+    reference = forward_logits(source, plan, ids)
+    head = source.tensor("lm_head.weight")
+    doubled = forward_logits(source, plan, ids,
+                             weights_override=lambda m: {"lm_head": 2 * head} if m.kind == "head" else None)
+    assert torch.allclose(doubled, 2 * reference, atol=1e-5)
+
+
+def test_embedding_clamps_out_of_range_ids(tiny_llama):
+    source, plan = _open(tiny_llama)
+    module = plan.modules[0]
+    weights = source.module_weights(module, torch.float32, "cpu")
+    out = module_forward(module)(module, weights, torch.tensor([[-1, 5, 300, 10**6]]))
+    table = weights["embed"]
+    assert torch.equal(out[0], torch.stack([table[0], table[5], table[0], table[0]]))
+    module.fields["scale"] = 8.0
+    assert torch.equal(module_forward(module)(module, weights, torch.tensor([[5]]))[0, 0], table[5] * 8.0)
+
+
+def test_head_scale_softcap_and_vocab_slice():
+    module = Module(kind="head", key="lm_head", mode="linear",
+                    fields={"vocab_size": 5, "softcap": 3.0, "logit_scale": 0.5})
+    weights = {"lm_head": torch.randn(32, 8, dtype=torch.float16)}
+    x = torch.randn(1, 4, 8, dtype=torch.float16)
+    out = module_forward(module)(module, weights, x)
+    expected = torch.tanh((x @ weights["lm_head"].T).float()[..., :5] * 0.5 / 3.0) * 3.0
+    assert out.dtype == torch.float32 and out.shape == (1, 4, 5)
+    assert torch.allclose(out, expected, atol=1e-3)
+
+
+def test_unknown_kind_asks_the_plugins():
+    module = Module(kind="rwkv", key="model.layers.0", mode="rwkv")
+    with pytest.raises(Exl2Error, match="no forward for module kind 'rwkv'"):
+        module_forward(module)
+
+    class Plugin:
+        @pluggy.HookimplMarker("exl2core")
+        def exl2_module_forward(self, module):
+            return (lambda m, w, x, capture=None: x + 1) if module.kind == "rwkv" else None
+
+    pm = plugin_manager()
+    plugin = Plugin()
+    pm.register(plugin)
+    try:
+        assert module_forward(module)(module, {}, torch.zeros(1)).item() == 1.0
+    finally:
+        pm.unregister(plugin)
+
+
+def test_norms_match_torch():
+    x = torch.randn(2, 5, 64, dtype=torch.float16)
+    w, b = torch.randn(64), torch.randn(64)
+    layer = normalize(x, w, b, kind="layer", eps=1e-5)
+    assert layer.dtype == torch.float16
+    assert torch.allclose(layer.float(), F.layer_norm(x.float(), (64,), w, b, 1e-5), atol=2e-3)
+    rms = normalize(x, w, kind="rms", eps=1e-6, offset=1.0, out_dtype=torch.float32)
+    expected = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * (w + 1)
+    assert torch.allclose(rms, expected, atol=1e-5)
+    with pytest.raises(Exl2Error):
+        normalize(x, w, b, kind="rms")
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_fused_and_explicit_attention_agree(window):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 12, 16, generator=g)
+    k, v = torch.randn(2, 2, 12, 16, generator=g), torch.randn(2, 2, 12, 16, generator=g)
+    fused = attend(q, k, v, scale=0.25, window=window)
+    k2, v2 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    explicit = attend_explicit(q, k2, v2, scale=0.25, window=window)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    # a soft cap far above the scores is the identity; a tight one is not
+    assert torch.allclose(attend(q, k, v, scale=0.25, window=window, softcap=1e4), fused, atol=1e-5)
+    assert not torch.allclose(attend(q, k, v, scale=0.25, window=window, softcap=0.5), fused, atol=1e-3)
+    # query 11 with window 5 sees keys 7..11 only: changing key 6 must not move it
+    shifted = v.clone()
+    shifted[:, :, 6] += 10
+    moved = (attend(q, k, shifted, scale=0.25, window=window) - fused)[:, :, 11].abs().max().item()
+    assert (moved == 0) if window else (moved > 1e-3)
+
+
+def _hf_rope(rope_parameters: dict, seq_len: int | None = None):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=128,
+                         rope_parameters=dict(rope_parameters))
+    return ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, None, seq_len)
+
+
+@pytest.mark.parametrize("params", [
+    LINEAR,
+    {**LLAMA3, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 5e5},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1e4,
+     "attention_factor": 1.3, "beta_fast": 16.0, "beta_slow": 2.0},
+], ids=["linear", "llama3", "yarn", "yarn-attention-factor"])
+def test_rope_frequencies_match_transformers(params):
+    spec = RopeSpec.from_dict(params, 10000.0)
+    expected, factor = _hf_rope(params)
+    assert torch.allclose(inv_freq(spec, 64, 100, max_position=128), expected, rtol=1e-6)
+    assert math.isclose(attention_factor(spec), factor, rel_tol=1e-6)
+
+
+def test_dynamic_rope_grows_the_base_past_max_positions():
+    params = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    spec = RopeSpec.from_dict(params, 10000.0)
+    assert torch.allclose(inv_freq(spec, 64, 100, max_position=128), _hf_rope(params)[0])
+    assert torch.allclose(inv_freq(spec, 64, 300, max_position=128), _hf_rope(params, 300)[0], rtol=1e-6)
+    assert not torch.allclose(inv_freq(spec, 64, 300, max_position=128), inv_freq(spec, 64, 100, 128))
+
+
+def test_ntk_alpha_scales_the_base():
+    spec = RopeSpec.from_dict({"type": "dynamic", "alpha": 4.0}, 10000.0)
+    assert spec.kind == "ntk_alpha"
+    freqs = inv_freq(spec, 64)
+    assert math.isclose(freqs[1].item(), (10000.0 * 4.0 ** (64 / 62)) ** (-2 / 64), rel_tol=1e-6)
+    assert freqs[0].item() == 1.0
+
+
+def test_gptj_rotation_matches_cohere():
+    from transformers import CohereConfig
+    from transformers.models.cohere.modeling_cohere import CohereRotaryEmbedding, apply_rotary_pos_emb
+
+    config = CohereConfig(hidden_size=64, num_attention_heads=4, rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": 500.0})
+    q, k = torch.randn(1, 4, 10, 16), torch.randn(1, 4, 10, 16)
+    cos, sin = CohereRotaryEmbedding(config)(q, torch.arange(10)[None])
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
+    ours_cos, ours_sin = rope_tables(RopeSpec(theta=500.0), 16, 10, "gptj")
+    assert torch.allclose(apply_rope(q, ours_cos, ours_sin, "gptj"), expected_q, atol=1e-5)
+    assert torch.allclose(apply_rope(k, ours_cos, ours_sin, "gptj"), expected_k, atol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+def test_partial_rotary_leaves_the_tail_alone(style):
+    x = torch.randn(1, 2, 10, 16)
+    cos, sin = rope_tables(RopeSpec(partial_rotary_factor=0.5), 16, 10, style)
+    full_cos, full_sin = rope_tables(RopeSpec(), 8, 10, style)
+    assert cos.shape == (10, 8)
+    out = apply_rope(x, cos, sin, style)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    # as in transformers, the rotated channels use the frequencies of a rotary-dim-wide head
+    assert torch.allclose(out[..., :8], apply_rope(x[..., :8], full_cos, full_sin, style))
+    second = 1 if style == "neox" else 2
+    assert torch.allclose(cos[1, second], torch.cos(torch.tensor(10000.0 ** (-2 / 8))))
