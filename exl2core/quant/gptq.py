@@ -1,0 +1,286 @@
+"""Adaptive GPTQ as in exllamav2 0.3.2 (spec §3): Hessian, scale search, quantization loop.
+
+The quantizer works on the transposed, act-order-permuted weight ``W_p`` of shape ``[K, N]`` (a row is
+one input feature). Every fake-quantized value is computed with the same fp16 roundings as the loader's
+reconstruction (§1.9), so ``QuantizedLinear.weight`` equals ``dequantize(pack())`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exl2core.errors import Exl2Error
+from exl2core.quant.pack import group_scales, make_q_groups, pack_codes, pack_scales
+from exl2core.quant.qparams import QParams, pad32
+
+PERCDAMP = 0.12
+DAMP_ATTEMPTS = 10
+SCALE_STEPS = 16  # 2 ** scale_bits
+MIN_P, MAX_P, P_GRID = 0.70, 1.20, 96
+#: Elements per temporary of the vectorized scale search: cache-sized on CPU, large on GPUs where
+#: kernel launches cost more than memory traffic.
+SEARCH_CHUNK_ELEMS = {"cpu": 1 << 19, "cuda": 1 << 25}
+
+_GRID = [MIN_P * (1 - i / P_GRID) + MAX_P * (i / P_GRID) for i in range(P_GRID + 1)]
+
+
+@dataclass
+class PreparedHessian:
+    """Act-order permutation and upper Cholesky factor ``U`` of ``H_p^-1`` (``H_p^-1 = Uᵀ U``).
+
+    ``inv_upper`` is None when prepared for round-to-nearest only. ``attempts`` is the number of damping
+    steps that were needed (1 when the first Cholesky succeeded).
+    """
+
+    perm: torch.Tensor
+    inv_upper: torch.Tensor | None
+    attempts: int = 1
+
+
+class Hessian:
+    """Accumulates ``H = Σ XᵀX`` in float32 over calibration rows (spec §3.1)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.in_features = in_features
+        self.device = torch.device(device)
+        self.matrix: torch.Tensor | None = None
+        self.num_batches = 0
+
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor, num_batches: int) -> Hessian:
+        """Restore an accumulator from its sum and batch count (e.g. one saved by an interrupted job)."""
+        hessian = cls(matrix.shape[0], matrix.device)
+        hessian.matrix = matrix.to(torch.float32).clone()
+        hessian.num_batches = num_batches
+        return hessian
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add one calibration row's input activations ``[..., K]``."""
+        if x.shape[-1] != self.in_features:
+            raise Exl2Error(f"Hessian expects {self.in_features} input features, got {x.shape[-1]}")
+        rows = x.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+        if self.matrix is None:
+            self.matrix = torch.zeros(self.in_features, self.in_features, device=self.device)
+        self.matrix.addmm_(rows.T, rows)
+        self.num_batches += 1
+
+    def prepare(self, name: str, *, invert: bool = True) -> PreparedHessian:
+        """Normalize, act-order, damp and invert (spec §3.2). ``name`` labels errors.
+
+        Damping accumulates over attempts (attempt ``a`` has ``a·damp`` on the diagonal), as in 0.3.2.
+        With ``invert=False`` only the permutation is computed (round-to-nearest, §3.7).
+        """
+        k = self.in_features
+        if self.matrix is None or self.num_batches == 0:
+            h = torch.eye(k, device=self.device)
+        else:
+            h = self.matrix / self.num_batches
+        if not torch.isfinite(h).all():
+            raise Exl2Error(f"{name}: Hessian has NaN/inf entries (non-finite calibration activations)")
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        if not invert:
+            return PreparedHessian(perm, None, 0)
+        h = h[perm][:, perm]
+        damp = max(PERCDAMP * torch.diagonal(h).mean().item(), 1e-5)
+        for attempt in range(1, DAMP_ATTEMPTS + 1):
+            torch.diagonal(h).add_(damp)
+            upper = _inverse_upper_factor(h)
+            if upper is not None:
+                return PreparedHessian(perm, upper, attempt)
+        raise Exl2Error(f"{name}: Hessian is not invertible after {DAMP_ATTEMPTS} damping attempts")
+
+
+def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """``U`` with ``h^-1 = Uᵀ U``, or None if a Cholesky fails or produces NaN."""
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        return None
+    h_inv = torch.cholesky_inverse(lower)
+    if torch.isnan(h_inv).any():
+        return None
+    upper, info = torch.linalg.cholesky_ex(h_inv, upper=True)
+    if info.item() != 0 or not torch.isfinite(upper).all():
+        return None
+    return upper
+
+
+@dataclass
+class GroupScales:
+    """Result of the scale search for one group (§3.4)."""
+
+    qscale: torch.Tensor  # int16 [N], 1..16
+    qscale_max: torch.Tensor  # float16 scalar
+    scale: torch.Tensor  # float32 [N], exactly fp16-representable
+    divisor: torch.Tensor  # scale with zeros replaced by 1: an all-zero group then rounds to code z
+
+
+def search_scales(x: torch.Tensor, bits: int) -> GroupScales:
+    """Per-column 4-bit scale codes and the group multiplier minimising Σ|error|^3.5 (spec §3.4).
+
+    The 97 candidate multipliers are evaluated together in chunks of the grid, so the cost is a handful
+    of elementwise passes over ``97 × rows × N`` values with no Python loop over elements.
+    """
+    maxq = (1 << bits) - 1
+    zero = 1 << (bits - 1)
+    base = (x.abs().amax(0) + 1e-12) / (maxq / 2)
+    base_max = base.max()
+    qscale = torch.clamp(torch.round(torch.sqrt(base / base_max) * SCALE_STEPS), 1, SCALE_STEPS)
+    column_scale = (qscale / SCALE_STEPS) ** 2 * base_max
+    grid = torch.tensor(_GRID, dtype=torch.float32, device=x.device)
+    errors = torch.empty(len(_GRID), dtype=torch.float32, device=x.device)
+    step = max(1, SEARCH_CHUNK_ELEMS.get(x.device.type, 1 << 22) // x.numel())
+    for i in range(0, len(_GRID), step):
+        trial = (grid[i:i + step, None] * column_scale).unsqueeze(1)  # [c, 1, N]
+        err = torch.div(x, trial).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x).abs_()
+        errors[i:i + step] = _sum_pow_3_5(err)
+    qscale_max = (base_max * grid[torch.argmin(errors)]).to(torch.float16)
+    multiplier = qscale_max * torch.tensor(1 / 256, dtype=torch.float16, device=x.device)
+    scale = group_scales(qscale.unsqueeze(0), multiplier.reshape(1))[0].to(torch.float32)
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return GroupScales(qscale.to(torch.int16), qscale_max, scale, divisor)
+
+
+def _sum_pow_3_5(err: torch.Tensor) -> torch.Tensor:
+    """``Σ err^3.5`` over all but the first dim, as ``err² · err^1.5``: sqrt is far cheaper than pow."""
+    flat = err.view(err.shape[0], -1)
+    root = flat.sqrt().mul_(flat)
+    return torch.linalg.vecdot(flat.square_(), root)
+
+
+@dataclass
+class QuantizedLinear:
+    """A quantized linear layer: codes and scales in layout order plus its fake-quantized fp16 weight."""
+
+    qparams: QParams
+    perm: torch.Tensor
+    codes: torch.Tensor
+    group_bits: list[int]
+    group_rows: list[int]
+    qscale: torch.Tensor
+    qscale_max: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    out_features: int
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        """The EXL2 tensors of §1.1 by suffix (``q_weight`` … ``q_invperm`` and ``bias`` if present)."""
+        if self.perm.numel() > 1 << 16:
+            raise Exl2Error(f"{self.perm.numel()} input features exceed the 65536 the EXL2 loader supports")
+        tensors = {
+            "q_weight": pack_codes(self.codes, self.group_bits, self.group_rows),
+            "q_scale": pack_scales(self.qscale),
+            "q_scale_max": self.qscale_max.to(torch.float16),
+            "q_groups": make_q_groups(self.group_bits, self.group_rows).to(self.codes.device),
+            "q_invperm": torch.argsort(self.perm).to(torch.int32),
+        }
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return tensors
+
+
+def quantize_linear(
+    weight: torch.Tensor,
+    prepared: PreparedHessian,
+    qparams: QParams,
+    *,
+    bias: torch.Tensor | None = None,
+    rtn: bool = False,
+) -> QuantizedLinear:
+    """Quantize an ``[out_features, in_features]`` weight with GPTQ error feedback (or RTN, §3.7).
+
+    Output features are zero-padded to a multiple of 32 first (§1.8). The lazy-update block is the
+    group: within a group rows are quantized one at a time and the error is propagated to the group's
+    remaining rows; after the group, all later rows are updated with one matrix product (§3.5).
+    """
+    out_features, k = weight.shape
+    perm = prepared.perm
+    device = perm.device
+    if perm.numel() != k:
+        raise Exl2Error(f"weight has {k} input features but the Hessian has {perm.numel()}")
+    if not rtn and prepared.inv_upper is None:
+        raise Exl2Error("GPTQ needs a Hessian prepared with invert=True")
+    n = pad32(out_features)
+    w = torch.zeros(n, k, dtype=torch.float32, device=device)
+    w[:out_features] = weight.to(device=device, dtype=torch.float32)
+    if not torch.isfinite(w).all():
+        raise Exl2Error("weight has NaN/inf entries")
+    w = w.T[perm].contiguous()
+    groups = qparams.groups(k)
+
+    codes = torch.empty(k, n, dtype=torch.int16, device=device)
+    fake = torch.empty(k, n, dtype=torch.float32, device=device)
+    qscale = torch.empty(len(groups), n, dtype=torch.int16, device=device)
+    qscale_max = torch.empty(len(groups), dtype=torch.float16, device=device)
+    start = 0
+    for index, (bits, rows) in enumerate(groups):
+        end = start + rows
+        found = search_scales(w[start:end], bits)
+        qscale[index], qscale_max[index] = found.qscale, found.qscale_max
+        if rtn:
+            _round_rows(w[start:end], found, bits, codes[start:end], fake[start:end])
+        else:
+            _gptq_group(w, prepared.inv_upper, start, end, found, bits, codes, fake)
+        start = end
+
+    padded_bias = None
+    if bias is not None:
+        padded_bias = torch.zeros(n, dtype=torch.float16, device=device)
+        padded_bias[:out_features] = bias.to(device=device, dtype=torch.float16)
+    return QuantizedLinear(
+        qparams=qparams,
+        perm=perm,
+        codes=codes,
+        group_bits=[b for b, _ in groups],
+        group_rows=[r for _, r in groups],
+        qscale=qscale,
+        qscale_max=qscale_max,
+        weight=fake[torch.argsort(perm)].T.to(torch.float16).contiguous(),
+        bias=padded_bias,
+        out_features=out_features,
+    )
+
+
+def _round_rows(
+    w: torch.Tensor, found: GroupScales, bits: int, codes: torch.Tensor, fake: torch.Tensor
+) -> None:
+    """Round rows to their nearest codes; write codes and fp16-exact fake-quantized values in place.
+
+    ``(q − z)·scale`` is exact in float32 (small integer times an fp16 number), so one rounding to
+    fp16 reproduces the fp16 multiply of the reconstruction kernel.
+    """
+    maxq = (1 << bits) - 1
+    zero = 1 << (bits - 1)
+    q = torch.div(w, found.divisor).round_().add_(zero).clamp_(0, maxq)
+    codes.copy_(q)
+    fake.copy_(q.sub_(zero).mul_(found.scale).to(torch.float16))
+
+
+def _gptq_group(
+    w: torch.Tensor,
+    inv_upper: torch.Tensor,
+    start: int,
+    end: int,
+    found: GroupScales,
+    bits: int,
+    codes: torch.Tensor,
+    fake: torch.Tensor,
+) -> None:
+    """Quantize rows ``start:end`` of ``w`` with error feedback, then lazily update the later rows."""
+    errors = torch.empty(end - start, w.shape[1], dtype=torch.float32, device=w.device)
+    for i, row in enumerate(range(start, end)):
+        _round_rows(w[row], found, bits, codes[row], fake[row])
+        err = errors[i]
+        torch.sub(w[row], fake[row], out=err).div_(inv_upper[row, row])
+        if row + 1 < end:
+            w[row + 1:end].addr_(inv_upper[row, row + 1:end], err, alpha=-1)
+    if end < w.shape[0]:
+        w[end:].addmm_(inv_upper[start:end, end:].T, errors, alpha=-1)
+
+
+def output_error(y_q: torch.Tensor, y_ref: torch.Tensor) -> float:
+    """Relative Frobenius error ``‖y_q − y_ref‖ / ‖y_ref‖`` in float32 (the measurement metric, §4.4)."""
+    y_q = y_q.to(torch.float32)
+    y_ref = y_ref.to(device=y_q.device, dtype=torch.float32)
+    return (torch.linalg.norm(y_q - y_ref) / torch.linalg.norm(y_ref)).item()
