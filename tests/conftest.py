@@ -121,3 +121,32 @@ def tiny_model(tmp_path_factory):
 def tiny_llama(tiny_model) -> TinyModel:
     """The default tiny Llama (untied head, default RoPE, transformers-5 config style)."""
     return tiny_model("llama")
+
+
+def write_bpe_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer.json trained on the shipped calibration texts, so calibration rows hold
+    real, varied tokens (a word-level tokenizer maps most of that text to ``<unk>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    data_dir = Path(__file__).resolve().parents[1] / "exl2core" / "data" / "calibration"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    files = sorted(str(p) for p in data_dir.glob("*.txt"))
+    tok.train(files, trainer)
+    tok.save(str(path / "tokenizer.json"))
+
+
+CONVERT_DIMS = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                    intermediate_size=512, vocab_size=500, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="session")
+def convert_model(tmp_path_factory) -> Path:
+    """A tiny Llama sized for conversion tests (dimensions a multiple of 32, real BPE tokenizer)."""
+    model = make_tiny_model(tmp_path_factory.mktemp("convert_llama"), "llama", **CONVERT_DIMS)
+    write_bpe_tokenizer(model.path, CONVERT_DIMS["vocab_size"])
+    (model.path / "generation_config.json").write_text('{"bos_token_id": 1}')
+    return model.path

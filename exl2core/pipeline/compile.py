@@ -1,0 +1,110 @@
+"""Compilation: packed and unquantized tensors into sharded safetensors, plus config and files.
+
+Shards are filled greedily in module order and never exceed the shard size unless one tensor alone
+does. With ``compile_full`` every non-tensor file of the source is copied and config.json gains the
+``quantization_config`` block exllamav2 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from exl2core.errors import Exl2Error
+from exl2core.model.source import SourceModel
+from exl2core.plan import ModelPlan
+from exl2core.plugins import plugin_manager
+from exl2core.pipeline.job import atomic_write, load_tensors, save_tensors, write_json
+from exl2core.pipeline.quantize import tensor_file
+
+LOADABLE = (torch.int32, torch.int16, torch.float16, torch.bfloat16, torch.float32)
+SHARD_UNLIMITED = 1024 ** 4
+
+
+def module_tensors(plan: ModelPlan, source: SourceModel, tensor_dir: Path):
+    """Yield, module by module, the ``{output name: tensor}`` the compiled model holds."""
+    out_name = plugin_manager().hook.exl2_output_name
+    for module in plan.modules:
+        tensors = {}
+        for key in module.tensors.values():
+            tensors[out_name(plan=plan, source_key=key)] = source.tensor(key, dtype=torch.float16)
+        for lin in module.linears:
+            path = tensor_file(tensor_dir, lin)
+            if not path.is_file():
+                raise Exl2Error(f"{path} is missing; rerun the conversion to requantize it")
+            tensors.update(load_tensors(path))
+        yield tensors
+    carried = {}
+    for prefix in plan.carry:
+        for key in source.keys():
+            if key.startswith(prefix):
+                t = source.tensor(key)
+                if t.dtype not in LOADABLE:
+                    t = t.to(torch.float32 if t.is_floating_point() else torch.int32)
+                carried[out_name(plan=plan, source_key=key)] = t
+    yield carried
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def write_shards(chunks, target: Path, shard_mb: float) -> list[Path]:
+    """Write the tensors of ``chunks`` into ``output*.safetensors`` shards in ``target``."""
+    limit = SHARD_UNLIMITED if shard_mb <= 0 else int(shard_mb * 1024 ** 2)
+    for old in list(target.glob("output*.safetensors")) + list(target.glob(".output*")):
+        old.unlink()
+    written: list[Path] = []
+    pending: dict[str, torch.Tensor] = {}
+
+    def flush(final: bool) -> None:
+        while pending and (final or sum(map(_nbytes, pending.values())) > limit):
+            shard, size = {}, 0
+            for name, t in list(pending.items()):
+                if size + _nbytes(t) <= limit or not shard and _nbytes(t) > limit:
+                    shard[name] = pending.pop(name)
+                    size += _nbytes(t)
+            path = target / f".output_temp_{len(written) + 1}.safetensors"
+            save_tensors(path, shard)
+            written.append(path)
+
+    for chunk in chunks:
+        overlap = pending.keys() & chunk.keys()
+        if overlap:
+            raise Exl2Error(f"two tensors map to the same output name {sorted(overlap)[0]!r}")
+        pending.update(chunk)
+        flush(final=False)
+    flush(final=True)
+    n = len(written)
+    final = []
+    for i, path in enumerate(written, 1):
+        name = "output.safetensors" if n == 1 else f"output-{i:05d}-of-{n:05d}.safetensors"
+        path.replace(target / name)
+        final.append(target / name)
+    return final
+
+
+def copy_source_files(in_dir: Path, out_dir: Path) -> None:
+    """Copy every top-level non-tensor file: never weights (.safetensors, .bin) nor their index."""
+    for path in sorted(in_dir.iterdir()):
+        name = path.name
+        if not path.is_file() or name.endswith((".safetensors", ".bin", ".safetensors.index.json",
+                                                 ".bin.index.json")):
+            continue
+        atomic_write(out_dir / name, lambda p, src=path: shutil.copyfile(src, p))
+
+
+def write_quantization_config(config_path: Path, bits: float, head_bits: int, rows: int, length: int,
+                              dataset: str) -> None:
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {
+        "quant_method": "exl2",
+        "version": "0.3.2",
+        "bits": float(bits),
+        "head_bits": int(head_bits),
+        "calibration": {"rows": int(rows), "length": int(length), "dataset": dataset},
+    }
+    write_json(config_path, config)

@@ -1,0 +1,322 @@
+"""The conversion job: calibration → measurement → optimization → quantization → compilation.
+
+Each stage reads and writes files in the job directory, so ``convert`` can be interrupted anywhere
+and rerun with the same arguments to continue. Module loops checkpoint their hidden states at least
+every ``checkpoint_interval`` seconds; work after the last checkpoint is redone deterministically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from exl2core.errors import Exl2Error
+from exl2core.model.source import SourceModel
+from exl2core.modules.forward import module_forward
+from exl2core.plan import ModelPlan
+from exl2core.plugins import resolve_plan
+from exl2core.pipeline import compile as compile_stage
+from exl2core.pipeline.calibration import calibration_rows, describe_dataset
+from exl2core.pipeline.hidden import HiddenStates
+from exl2core.pipeline.job import Job, Settings, load_tensors, save_tensors, write_json
+from exl2core.pipeline.measure import candidates_of, measure_module
+from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of, plan_strategy
+from exl2core.pipeline.progress import Reporter
+from exl2core.pipeline.quantize import perplexity_verdict, quantize_module
+from exl2core.quant.qparams import HEAD_OPTIONS, TABLES, pad32, table_setting
+
+HEAD_BITS = tuple(sorted(HEAD_OPTIONS))
+
+
+@dataclass
+class Runtime:
+    """How to run a job; none of it changes the result, so it may differ between resumes."""
+
+    device: str = "cpu"
+    gpu_rows: int | None = None
+    checkpoint_interval: float = 180.0
+    status_json: bool = False
+    quiet: bool = False
+
+
+def apply_rope_overrides(plan: ModelPlan, settings: Settings) -> None:
+    """``-rs``/``-ra`` replace the RoPE scaling of config.json during calibration."""
+    if settings.rope_scale is None and settings.rope_alpha is None:
+        return
+    for module in plan.modules:
+        rope = module.fields.get("rope")
+        if rope is None:
+            continue
+        if settings.rope_scale is not None:
+            rope = replace(rope, kind="linear", factor=settings.rope_scale)
+        if settings.rope_alpha is not None:
+            rope = replace(rope, kind="ntk_alpha", alpha=settings.rope_alpha)
+        module.fields["rope"] = rope
+
+
+def validate_settings(s: Settings) -> None:
+    if s.head_bits not in HEAD_OPTIONS:
+        raise Exl2Error(f"head bits must be one of {', '.join(map(str, HEAD_BITS))}, not {s.head_bits}")
+    if not math.isfinite(s.bits) or s.bits <= 0:
+        raise Exl2Error(f"target bits per weight must be a positive number, not {s.bits}")
+    for name in ("rows", "length", "measurement_rows", "measurement_length"):
+        if getattr(s, name) < 1:
+            raise Exl2Error(f"{name.replace('_', ' ')} must be at least 1")
+    if s.output_measurement and s.compile_full:
+        raise Exl2Error("-om (measure only) and -cf (compile) cannot be combined")
+
+
+class Converter:
+    def __init__(self, job: Job, runtime: Runtime):
+        self.job = job
+        self.s = job.settings
+        self.rt = runtime
+        self.report = Reporter(runtime.status_json, runtime.quiet)
+        self.device = torch.device(runtime.device)
+        self.source = SourceModel(self.s.in_dir)
+        self.plan = resolve_plan(self.source.config, self.s.arch)
+        apply_rope_overrides(self.plan, self.s)
+        if "dtype" not in job.state:
+            job.update(dtype="float16" if self.device.type == "cuda" and not self.plan.fp32_residual
+                       else "float32")
+        self.dtype = getattr(torch, job.state["dtype"])
+        self.tensor_dir = job.path("out_tensor")
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        stages = {
+            "begin": self.begin, "measure_tokens": self.measure_tokens,
+            "measure_embeddings": self.measure_embeddings, "measure": self.measure,
+            "optimize": self.optimize, "quant_tokens": self.quant_tokens,
+            "quant_embeddings": self.quant_embeddings, "quant": self.quantize, "compile": self.compile,
+        }
+        try:
+            while self.job.progress != "finished":
+                stages[self.job.progress]()
+        finally:
+            self.report.close()
+        return self.job.state
+
+    def begin(self) -> None:
+        if self.s.measurement:
+            measurement = load_measurement(self.s.measurement, self.plan)
+            self.job.advance("optimize", measurement=measurement)
+        else:
+            self.job.advance("measure_tokens")
+
+    def measure_tokens(self) -> None:
+        self._tokens(self.s.measurement_rows, self.s.measurement_length, self.plan.noise_rows[0])
+        self.job.advance("measure_embeddings")
+
+    def quant_tokens(self) -> None:
+        self._tokens(self.s.rows, self.s.length, self.plan.noise_rows[1])
+        self.job.advance("quant_embeddings")
+
+    def measure_embeddings(self) -> None:
+        self._embeddings()
+        self.job.advance("measure", measurement={}, last_module_idx=0)
+
+    def quant_embeddings(self) -> None:
+        self._embeddings()
+        self.job.advance("quant", q_last_module_idx=0, module_errors={})
+
+    def measure(self) -> None:
+        modules = self.plan.modules
+        start = self.job.state["last_module_idx"] + 1
+        measurement = dict(self.job.state["measurement"])
+        total = sum(candidates_of(m) + 1 for m in modules[1:])
+        done = sum(candidates_of(m) + 1 for m in modules[1:start])
+        self.report.stage("Measuring", total, done)
+        states = self._load_states()
+        last_save = time.monotonic()
+        for idx in range(start, len(modules)):
+            module = modules[idx]
+            weights = self.source.module_weights(module, self.dtype, self.device)
+            record, outputs = measure_module(module_forward(module), module, weights, states,
+                                             on_candidate=self.report.advance)
+            self.report.advance()
+            if module.slots:
+                best = max(r["accuracy"] for recs in _record_lists(record) for r in recs)
+                if best < 0.1:
+                    raise Exl2Error(f"{module.measurement_key}: best measured accuracy {best:.4f} < 0.1; "
+                                    "the forward or the calibration data is broken")
+            measurement[module.measurement_key] = record
+            if module.kind != "head":
+                states = states.replaced(outputs)
+            del weights
+            if idx < len(modules) - 1 and time.monotonic() - last_save >= self.rt.checkpoint_interval:
+                self._checkpoint(states, idx, "last_module_idx", measurement=measurement)
+                last_save = time.monotonic()
+        result = {"measurement": measurement, "last_module_idx": len(modules) - 1}
+        write_json(self.job.path("measurement.json"), result)
+        if self.s.output_measurement:
+            target = Path(self.s.output_measurement)
+            write_json(target / "measurement.json" if target.is_dir() else target, result)
+        self._finish_pass("finished" if self.s.output_measurement else "optimize",
+                          measurement=measurement, last_module_idx=len(modules) - 1)
+
+    def optimize(self) -> None:
+        self.report.stage("Optimizing", 1)
+        slots, keys = [], []
+        for module in self.plan.modules:
+            for slot in module.slots:
+                slots.append(slot)
+                keys.append((module.measurement_key, slot.table if len(module.slots) > 1 else None))
+        numel = self.plan.blocks_numel()
+        measurement = self.job.state["measurement"]
+        lo, hi = bpw_range([options_of(r) for r in measured_slots(measurement, keys)], numel)
+        if self.s.bits < lo - 1e-9 or self.s.bits > hi + 1e-9:
+            raise Exl2Error(f"target {self.s.bits} bpw is outside what the candidate tables reach for this "
+                            f"model ({lo:.3f}–{hi:.3f} bpw)")
+        choices, summary = plan_strategy(measurement, keys, numel, self.s.bits)
+        strategy = {slot.key: choices[i] for i, slot in enumerate(slots)}
+        self.report.advance()
+        self.report.log(f"bit allocation: {summary['bpw']:.4f} bpw for target {self.s.bits} "
+                        f"(Σ error {summary['sum_err']:.5f}, max error {summary['max_err']:.5f})")
+        self.job.advance("quant_tokens", strategy=strategy, optimization=summary)
+
+    def quantize(self) -> None:
+        modules = self.plan.modules
+        start = self.job.state["q_last_module_idx"] + 1
+        errors = dict(self.job.state.get("module_errors", {}))
+        self.report.stage("Quantizing", len(modules) - 1, start - 1)
+        states = self._load_states()
+        ids = load_tensors(self.job.path("cal_data.safetensors"))["input_ids"]
+        ppl_rows = min(self.s.measurement_rows, ids.shape[0] - self.plan.noise_rows[1])
+        last_save = time.monotonic()
+        for idx in range(start, len(modules)):
+            module = modules[idx]
+            weights = self.source.module_weights(module, self.dtype, self.device)
+            result = quantize_module(module_forward(module), module, weights, states, self.job.state["strategy"],
+                                     self.s.head_bits, self.tensor_dir,
+                                     ppl_ids=ids[:ppl_rows] if module.kind == "head" else None)
+            self.report.advance()
+            if result.error is not None:
+                errors[module.measurement_key] = result.error
+            if result.perplexity is not None:
+                self.job.state["calibration_perplexity"] = result.perplexity
+                self.report.log(f"calibration perplexity (quant): {result.perplexity:.4f} "
+                                f"({perplexity_verdict(result.perplexity)})")
+            if module.kind != "head":
+                states = states.replaced(result.outputs)
+            del weights
+            if idx < len(modules) - 1 and time.monotonic() - last_save >= self.rt.checkpoint_interval:
+                self._checkpoint(states, idx, "q_last_module_idx", module_errors=errors)
+                last_save = time.monotonic()
+        self._finish_pass("compile", module_errors=errors, q_last_module_idx=len(modules) - 1)
+
+    def compile(self) -> None:
+        target = Path(self.s.compile_full) if self.s.compile_full else self.job.dir
+        target.mkdir(parents=True, exist_ok=True)
+        self.report.stage("Compiling", len(self.plan.modules) + 1)
+
+        def chunks():
+            for chunk in compile_stage.module_tensors(self.plan, self.source, self.tensor_dir):
+                yield chunk
+                self.report.advance()
+
+        shards = compile_stage.write_shards(chunks(), target, self.s.shard_size)
+        if self.s.compile_full:
+            compile_stage.copy_source_files(Path(self.s.in_dir), target)
+            compile_stage.write_quantization_config(target / "config.json", self.s.bits, self.s.head_bits,
+                                                    self.s.rows, self.s.length,
+                                                    describe_dataset(self.s.cal_dataset))
+        self.job.advance("finished", output_dir=str(target), shards=[p.name for p in shards])
+
+    # -- helpers ----------------------------------------------------------------------------------------
+
+    def _tokens(self, rows: int, length: int, noise: int) -> None:
+        ids = calibration_rows(self.source.tokenizer, self.plan.config.vocab_size or
+                               self.source.shape(self.plan.modules[0].tensors["embed"])[0],
+                               rows, length, dataset=self.s.cal_dataset, seed=self.s.seed, noise_rows=noise)
+        save_tensors(self.job.path("cal_data.safetensors"), {"input_ids": ids})
+
+    def _embeddings(self) -> None:
+        ids = load_tensors(self.job.path("cal_data.safetensors"))["input_ids"]
+        module = self.plan.modules[0]
+        weights = self.source.module_weights(module, self.dtype, self.device)
+        fwd = module_forward(module)
+        with torch.inference_mode():
+            rows = [fwd(module, weights, row.unsqueeze(0).to(self.device), None).squeeze(0).cpu()
+                    for row in ids]
+        noise = [i for i in range(len(ids)) if ids[i, 0] < 0]
+        if noise:
+            real = torch.stack([rows[i] for i in range(len(rows)) if i not in noise]).float()
+            gen = torch.Generator().manual_seed(self.s.seed + 1)
+            for i in noise:
+                rows[i] = (torch.randn(rows[i].shape, generator=gen) * real.std() + real.mean()).to(rows[i].dtype)
+        self._checkpoint(HiddenStates(rows, torch.device("cpu")), 0, None)
+
+    def _finish_pass(self, stage: str, **updates) -> None:
+        """Advance past a module loop; its hidden states are no longer needed."""
+        old = self.job.state.get("hidden_states")
+        self.job.advance(stage, hidden_states=None, **updates)
+        if old:
+            self.job.path(old).unlink(missing_ok=True)
+
+    def _load_states(self) -> HiddenStates:
+        return HiddenStates.load(self.job.path(self.job.state["hidden_states"]), self.device, self.rt.gpu_rows)
+
+    def _checkpoint(self, states: HiddenStates, idx: int, counter: str | None, **updates) -> None:
+        """Save the hidden states under a new name, then point the job at them, then drop the old file."""
+        old = self.job.state.get("hidden_states")
+        name = f"hidden_states.{self.job.progress}.{idx:04d}.safetensors"
+        states.save(self.job.path(name))
+        if counter:
+            updates[counter] = idx
+        self.job.update(hidden_states=name, **updates)
+        if old and old != name:
+            self.job.path(old).unlink(missing_ok=True)
+
+
+def _record_lists(record) -> list[list[dict]]:
+    return list(record.values()) if isinstance(record, dict) else [record]
+
+
+def load_measurement(path: str | Path, plan: ModelPlan) -> dict:
+    """Read a measurement.json (ours or exllamav2's) and check it describes this model."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "measurement.json"
+    try:
+        measurement = json.loads(path.read_text())["measurement"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Exl2Error(f"{path}: not a readable measurement.json ({e})") from None
+    for module in plan.modules:
+        if not module.slots:
+            continue
+        record = measurement.get(module.measurement_key)
+        if record is None:
+            raise Exl2Error(f"{path} does not match this model: no entry for {module.measurement_key}")
+        for slot in module.slots:
+            records = record[slot.table] if len(module.slots) > 1 else record
+            expected = len(TABLES[slot.table])
+            if not isinstance(records, list) or len(records) != expected:
+                raise Exl2Error(f"{path} does not match this model: {module.measurement_key} has "
+                                f"{len(records) if isinstance(records, list) else 0} candidates, not {expected}")
+            want = sum(table_setting(slot.table, 0, lin.role).total_bits(lin.in_features,
+                                                                         pad32(lin.out_features), lin.bias)
+                       for lin in module.linears if lin.role in slot.roles)
+            if int(records[0]["total_bits"]) != want:
+                raise Exl2Error(f"{path} does not match this model: {module.measurement_key} sizes differ "
+                                "(measured on a model with other layer shapes)")
+    return measurement
+
+
+def convert(settings: Settings, out_dir: str | Path, runtime: Runtime, *, restart: bool = False) -> dict:
+    """Run (or resume) the conversion job in ``out_dir``; returns the final job state."""
+    validate_settings(settings)
+    for name in ("in_dir", "cal_dataset", "compile_full", "output_measurement", "measurement"):
+        value = getattr(settings, name)
+        if value:
+            setattr(settings, name, str(Path(value).resolve()))
+    job = Job.open(out_dir, settings, restart=restart)
+    if job.progress == "finished":
+        return job.state
+    return Converter(job, runtime).run()

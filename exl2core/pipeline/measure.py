@@ -1,0 +1,68 @@
+"""Measurement: the output error of every measured block at every row of its candidate table.
+
+Each distinct setting of each linear is quantized once (Adaptive GPTQ on the block's own Hessians);
+each table row is then evaluated by swapping the pre-quantized weights into the block and comparing
+the block's output (residual included) with the unquantized output over all calibration rows. The
+records are exllamav2's ``measurement.json`` schema, so files are interchangeable.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from exl2core.plan import Module, Slot
+from exl2core.pipeline.hidden import HiddenStates
+from exl2core.pipeline.runner import forward_rows, prepare_hessians, relative_error
+from exl2core.quant.gptq import quantize_linear
+from exl2core.quant.qparams import TABLES, pad32, table_setting
+
+
+def measure_module(fwd: Callable, module: Module, weights: dict[str, torch.Tensor],
+                   states: HiddenStates, on_candidate: Callable[[], None] | None = None
+                   ) -> tuple[object, list[torch.Tensor]]:
+    """Return ``(record, reference outputs)``; the record is None for modules without slots."""
+    hessians = {} if module.slots else None
+    targets = forward_rows(fwd, module, weights, states, hessians)
+    if not module.slots:
+        return None, targets
+    prepared = prepare_hessians(module, hessians)
+    records = {slot.table: _measure_slot(fwd, module, slot, weights, prepared, states, targets, on_candidate)
+               for slot in module.slots}
+    if len(module.slots) == 1:
+        return records[module.slots[0].table], targets
+    return records, targets
+
+
+def _measure_slot(fwd, module: Module, slot: Slot, weights, prepared, states, targets, on_candidate):
+    linears = [lin for lin in module.linears if lin.role in slot.roles]
+    quantized: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+    records = []
+    for row in range(len(TABLES[slot.table])):
+        trial = dict(weights)
+        total_bits = 0
+        record: dict = {}
+        for lin in linears:
+            qp = table_setting(slot.table, row, lin.role)
+            key = (lin.name, qp.desc)
+            if key not in quantized:
+                q = quantize_linear(weights[lin.name], prepared[lin.name], qp,
+                                    bias=weights.get(lin.name + ".bias"))
+                bits = qp.total_bits(lin.in_features, pad32(lin.out_features), lin.bias)
+                quantized[key] = (q.weight[: lin.out_features].to(weights[lin.name].dtype), bits)
+            trial[lin.name], bits = quantized[key]
+            total_bits += bits
+            record.setdefault(lin.role, qp.to_dict())
+        outputs = forward_rows(fwd, module, trial, states)
+        accuracy = max(1e-6, 1.0 - relative_error(outputs, targets))
+        records.append({"accuracy": accuracy, "total_bits": total_bits,
+                        **{role: record[role] for role in slot.roles if role in record}})
+        if on_candidate:
+            on_candidate()
+    return records
+
+
+def candidates_of(module: Module) -> int:
+    """Number of table rows measured for ``module`` (for progress reporting)."""
+    return sum(len(TABLES[s.table]) for s in module.slots)

@@ -1,0 +1,64 @@
+"""Running one module over every calibration row, optionally collecting the Hessians of its linears."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from exl2core.errors import Exl2Error
+from exl2core.plan import Module
+from exl2core.plugins import plugin_manager
+from exl2core.pipeline.hidden import HiddenStates
+from exl2core.quant.gptq import Hessian, PreparedHessian
+
+
+def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates,
+                 hessians: dict[str, Hessian] | None = None, *, rows: int | None = None,
+                 reduce: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+    """Outputs of ``module`` for the first ``rows`` rows (default all).
+
+    With ``hessians``, every linear input is accumulated. With ``reduce``, each output is handed to
+    ``reduce(row, y)`` and not kept (the head's logits are too large to hold for every row).
+    """
+
+    def capture(name: str, x: torch.Tensor) -> None:
+        if name not in hessians:
+            hessians[name] = Hessian(x.shape[-1], x.device)
+        hessians[name].add(x)
+
+    outputs = []
+    with torch.inference_mode():
+        for i in range(len(states) if rows is None else min(rows, len(states))):
+            y = fwd(module, weights, states.row(i), capture if hessians is not None else None)
+            if not torch.isfinite(y).all():
+                raise Exl2Error(f"{module.key}: non-finite activations in calibration row {i} "
+                                "(the source model overflows in this precision)")
+            if reduce is not None:
+                reduce(i, y)
+            else:
+                outputs.append(y.squeeze(0).to(states.rows[i].device).unsqueeze(0))
+    return outputs
+
+
+def prepare_hessians(module: Module, hessians: dict[str, Hessian]) -> dict[str, PreparedHessian]:
+    """Prepared Hessian per linear name: each group's owner prepares, the others reuse it."""
+    groups = plugin_manager().hook.exl2_hessian_groups(module=module)
+    prepared: dict[str, PreparedHessian] = {}
+    for group in groups:
+        owner = module.linear(group[0])
+        h = hessians.get(owner.input) or Hessian(owner.in_features, "cpu")
+        p = h.prepare(f"{module.key}.{owner.name}")
+        for name in group:
+            prepared[name] = p
+    return prepared
+
+
+def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Mean over rows of ‖y − y_ref‖_F / ‖y_ref‖_F, the error measure of the whole pipeline."""
+    total = 0.0
+    for y, t in zip(outputs, targets):
+        y = y.float()
+        t = t.to(y.device).float()
+        total += (torch.linalg.vector_norm(y - t) / torch.linalg.vector_norm(t).clamp_min(1e-12)).item()
+    return total / max(len(outputs), 1)
