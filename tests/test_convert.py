@@ -147,7 +147,8 @@ def test_bad_settings(convert_model, measured, tmp_path, capsys, extra, message)
     assert main(["convert", "-i", str(convert_model), "-o", str(tmp_path), "-m", str(measured),
                  *CAL, *extra]) == 1
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert message in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]]
 
 
 def test_missing_model(tmp_path, capsys):

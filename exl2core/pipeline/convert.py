@@ -162,7 +162,6 @@ class Converter:
                           measurement=measurement, last_module_idx=len(modules) - 1)
 
     def optimize(self) -> None:
-        self.report.stage("Optimizing", 1)
         slots, keys = [], []
         for module in self.plan.modules:
             for slot in module.slots:
@@ -174,6 +173,7 @@ class Converter:
         if self.s.bits < lo - 1e-9 or self.s.bits > hi + 1e-9:
             raise Exl2Error(f"target {self.s.bits} bpw is outside what the candidate tables reach for this "
                             f"model ({lo:.3f}–{hi:.3f} bpw)")
+        self.report.stage("Optimizing", 1)
         choices, summary = plan_strategy(measurement, keys, numel, self.s.bits)
         strategy = {slot.key: choices[i] for i, slot in enumerate(slots)}
         self.report.advance()
