@@ -59,3 +59,10 @@ def exl2_module_forward(module: "Module") -> "Callable | None":
 def exl2_routing_weights(module: "Module", weights: dict, x: "object") -> "object | None":
     """Return ``[tokens, experts]`` routing weights for an MoE module whose router is not the
     standard softmax → top-k → renormalise; None uses the default."""
+
+
+@hookspec
+def exl2_calibration_report(module: "Module", hessians: dict) -> "list[str] | None":
+    """Return lines worth showing the user about how ``module`` was calibrated (e.g. tokens routed to
+    each MoE expert), given the ``{input name: Hessian}`` collected over the calibration rows. The
+    pipeline prints them and keeps them in the job state."""

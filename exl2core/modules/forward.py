@@ -16,7 +16,9 @@ from exl2core.errors import Exl2Error
 from exl2core.modules.attention import attention_forward
 from exl2core.modules.linear import Capture, apply_linear, capture_inputs
 from exl2core.modules.mlp import mlp_forward
+from exl2core.modules.moe import moe_forward
 from exl2core.modules.norm import norm_role
+from exl2core.modules.parallel import parallel_forward
 from exl2core.plan import Module
 from exl2core.plugins import plugin_manager
 
@@ -66,8 +68,10 @@ FORWARDS: dict[str, ModuleForward] = {
     "embedding": embedding_forward,
     "attention": attention_forward,
     "mlp": mlp_forward,
+    "moe": moe_forward,
     "norm": norm_forward,
     "head": head_forward,
+    "parallel": parallel_forward,
 }
 
 

@@ -185,6 +185,7 @@ class Converter:
         modules = self.plan.modules
         start = self.job.state["q_last_module_idx"] + 1
         errors = dict(self.job.state.get("module_errors", {}))
+        notes = dict(self.job.state.get("calibration_notes", {}))
         self.report.stage("Quantizing", len(modules) - 1, start - 1)
         states = self._load_states()
         ids = load_tensors(self.job.path("cal_data.safetensors"))["input_ids"]
@@ -199,6 +200,10 @@ class Converter:
             self.report.advance()
             if result.error is not None:
                 errors[module.measurement_key] = result.error
+            for note in result.notes:
+                self.report.log(f"{module.measurement_key}: {note}")
+            if result.notes:
+                notes[module.measurement_key] = result.notes
             if result.perplexity is not None:
                 self.job.state["calibration_perplexity"] = result.perplexity
                 self.report.log(f"calibration perplexity (quant): {result.perplexity:.4f} "
@@ -207,9 +212,11 @@ class Converter:
                 states = states.replaced(result.outputs)
             del weights
             if idx < len(modules) - 1 and time.monotonic() - last_save >= self.rt.checkpoint_interval:
-                self._checkpoint(states, idx, "q_last_module_idx", module_errors=errors)
+                self._checkpoint(states, idx, "q_last_module_idx", module_errors=errors,
+                                 calibration_notes=notes)
                 last_save = time.monotonic()
-        self._finish_pass("compile", module_errors=errors, q_last_module_idx=len(modules) - 1)
+        self._finish_pass("compile", module_errors=errors, calibration_notes=notes,
+                          q_last_module_idx=len(modules) - 1)
 
     def compile(self) -> None:
         target = Path(self.s.compile_full) if self.s.compile_full else self.job.dir

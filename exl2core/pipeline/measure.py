@@ -27,7 +27,7 @@ def measure_module(fwd: Callable, module: Module, weights: dict[str, torch.Tenso
     targets = forward_rows(fwd, module, weights, states, hessians)
     if not module.slots:
         return None, targets
-    prepared = prepare_hessians(module, hessians)
+    prepared = prepare_hessians(module, hessians, states.device)
     records = {slot.table: _measure_slot(fwd, module, slot, weights, prepared, states, targets, on_candidate)
                for slot in module.slots}
     if len(module.slots) == 1:
@@ -50,7 +50,7 @@ def _measure_slot(fwd, module: Module, slot: Slot, weights, prepared, states, ta
                 q = quantize_linear(weights[lin.name], prepared[lin.name], qp,
                                     bias=weights.get(lin.name + ".bias"))
                 bits = qp.total_bits(lin.in_features, pad32(lin.out_features), lin.bias)
-                quantized[key] = (q.weight[: lin.out_features].to(weights[lin.name].dtype), bits)
+                quantized[key] = (q.weight[: lin.out_features].to(weights[lin.name]), bits)
             trial[lin.name], bits = quantized[key]
             total_bits += bits
             record.setdefault(lin.role, qp.to_dict())

@@ -7,7 +7,7 @@ on inputs produced by the already-quantized earlier blocks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +17,7 @@ from exl2core.errors import Exl2Error
 from exl2core.plan import Linear, Module
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
-from exl2core.pipeline.runner import forward_rows, prepare_hessians, relative_error
+from exl2core.pipeline.runner import calibration_report, forward_rows, prepare_hessians, relative_error
 from exl2core.quant.gptq import quantize_linear
 from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import HEAD_OPTIONS, QParams
@@ -31,6 +31,7 @@ class ModuleResult:
     outputs: list[torch.Tensor]
     error: float | None = None
     perplexity: float | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def setting_for(module: Module, lin: Linear, strategy: dict, head_bits: int) -> QParams:
@@ -59,7 +60,8 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     is_head = module.kind == "head"
     targets = forward_rows(fwd, module, weights, states, hessians,
                            reduce=(lambda i, y: None) if is_head else None)
-    prepared = prepare_hessians(module, hessians)
+    prepared = prepare_hessians(module, hessians, states.device)
+    notes = calibration_report(module, hessians)
     for lin in module.linears:
         qp = setting_for(module, lin, strategy, head_bits)
         rtn = lin.key == "lm_head" and lin.in_features * lin.out_features > RTN_NUMEL
@@ -77,9 +79,9 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         ppl = NextTokenLoss(ppl_ids)
         if ppl_ids is not None:
             forward_rows(fwd, module, weights, states, rows=len(ppl_ids), reduce=ppl.add)
-        return ModuleResult([], perplexity=ppl.perplexity() if ppl.count else None)
+        return ModuleResult([], perplexity=ppl.perplexity() if ppl.count else None, notes=notes)
     outputs = forward_rows(fwd, module, weights, states)
-    return ModuleResult(outputs, error=relative_error(outputs, targets))
+    return ModuleResult(outputs, error=relative_error(outputs, targets), notes=notes)
 
 
 class NextTokenLoss:

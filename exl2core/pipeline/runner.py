@@ -41,17 +41,25 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
     return outputs
 
 
-def prepare_hessians(module: Module, hessians: dict[str, Hessian]) -> dict[str, PreparedHessian]:
-    """Prepared Hessian per linear name: each group's owner prepares, the others reuse it."""
+def prepare_hessians(module: Module, hessians: dict[str, Hessian],
+                     device: torch.device | str) -> dict[str, PreparedHessian]:
+    """Prepared Hessian per linear name: each group's owner prepares, the others reuse it. A linear
+    whose input saw no calibration data (an expert no token was routed to) gets the identity."""
     groups = plugin_manager().hook.exl2_hessian_groups(module=module)
     prepared: dict[str, PreparedHessian] = {}
     for group in groups:
         owner = module.linear(group[0])
-        h = hessians.get(owner.input) or Hessian(owner.in_features, "cpu")
+        h = hessians.get(owner.input) or Hessian(owner.in_features, device)
         p = h.prepare(f"{module.key}.{owner.name}")
         for name in group:
             prepared[name] = p
     return prepared
+
+
+def calibration_report(module: Module, hessians: dict[str, Hessian]) -> list[str]:
+    """What the plugins have to say about how ``module`` was calibrated (see the hook's doc)."""
+    reports = plugin_manager().hook.exl2_calibration_report(module=module, hessians=hessians)
+    return [line for lines in reports if lines for line in lines]
 
 
 def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:

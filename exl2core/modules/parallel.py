@@ -1,0 +1,101 @@
+"""Parallel decoder block (Cohere): one input norm feeds attention and the MLP side by side,
+``x + attn(norm(x)) + mlp(norm(x))``.
+
+Because both branches read the same normed activation, q/k/v and gate/up share one Hessian (input
+``attn_in``); the block is one module with two measured slots (``attn`` and ``mlp``), stored as
+exllamav2's ``parallel_decoder`` record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from exl2core.model.config import ModelConfig
+from exl2core.modules.attention import attend
+from exl2core.modules.decoder import (DecoderSpec, attention_module, embedding_module, final_norm_module,
+                                      head_module, mlp_module)
+from exl2core.modules.linear import Capture, apply_linear, capture_inputs
+from exl2core.modules.mlp import activation, feed_forward
+from exl2core.modules.norm import norm_role
+from exl2core.modules.rope import apply_rope, rope_tables
+from exl2core.plan import Module, ModelPlan
+
+#: The activation both branches read, hence the one Hessian q, k, v, gate and up share.
+SHARED_INPUT = "attn_in"
+
+
+def parallel_module(config: ModelConfig, spec: DecoderSpec, layer: int) -> Module:
+    """Layer ``layer`` as one ``parallel`` module: the attention sub-block's linears, tensors and fields,
+    plus the MLP's linears with gate/up reading the attention's input. ``spec.attn_norm`` names the
+    shared norm; the MLP's own norms are not used."""
+    attn = attention_module(config, spec, layer)
+    mlp = mlp_module(config, spec, layer)
+    mlp_linears = [replace(lin, input=SHARED_INPUT) if lin.name in ("gate_proj", "up_proj") else lin
+                   for lin in mlp.linears]
+    return Module(kind="parallel", key=attn.key, mode="parallel_decoder",
+                  linears=attn.linears + mlp_linears, tensors=dict(attn.tensors),
+                  fields={**attn.fields, "activation": spec.activation},
+                  slots=attn.slots + mlp.slots)
+
+
+def parallel_decoder_plan(config: ModelConfig, architecture: str, spec: DecoderSpec) -> ModelPlan:
+    """``embedding, parallel_i for each layer, final norm, head``."""
+    modules = [embedding_module(config, spec)]
+    modules += [parallel_module(config, spec, layer) for layer in range(config.num_layers)]
+    modules += [final_norm_module(config, spec), head_module(config, spec)]
+    return ModelPlan(architecture=architecture, config=config, modules=modules, lm_prefix=spec.lm_prefix,
+                     fp32_residual=spec.fp32_residual)
+
+
+def attention_branch(module: Module, weights: dict[str, torch.Tensor], h: torch.Tensor,
+                     capture: Capture | None = None) -> torch.Tensor:
+    """``o_proj(attention(h))`` for an already-normed ``h`` ``[B, T, hidden]``: no norm, no residual."""
+    f = module.fields
+    b, t, _ = h.shape
+    heads, kv_heads, head_dim = f["num_heads"], f["num_kv_heads"], f["head_dim"]
+    capture_inputs(module, ("q_proj", "k_proj", "v_proj"), h, capture)
+    q = apply_linear(weights, "q_proj", h).view(b, t, heads, head_dim)
+    k = apply_linear(weights, "k_proj", h).view(b, t, kv_heads, head_dim)
+    v = apply_linear(weights, "v_proj", h).view(b, t, kv_heads, head_dim)
+    if "q_norm" in weights:
+        q = norm_role(q, weights, "q_norm", f)
+        k = norm_role(k, weights, "k_norm", f)
+    q, k, v = (a.transpose(1, 2) for a in (q, k, v))
+    rope = f.get("rope")
+    if rope is not None and rope.kind != "none":
+        style = f.get("rope_style", "neox")
+        cos, sin = rope_tables(rope, head_dim, t, style, f.get("max_position"), q.device)
+        q, k = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
+    scale = f.get("scale") or head_dim ** -0.5
+    out = attend(q, k, v, scale=scale, window=f.get("sliding_window"), softcap=f.get("softcap"))
+    out = out.transpose(1, 2).reshape(b, t, heads * head_dim)
+    capture_inputs(module, ("o_proj",), out, capture)
+    return apply_linear(weights, "o_proj", out)
+
+
+def _each_input_once(capture: Capture | None) -> Capture | None:
+    """A capture that forwards only the first report of each input name: both branches report the
+    shared input, which must enter its Hessian once."""
+    if capture is None:
+        return None
+    seen: set[str] = set()
+
+    def once(name: str, x: torch.Tensor) -> None:
+        if name not in seen:
+            seen.add(name)
+            capture(name, x)
+
+    return once
+
+
+def parallel_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                     capture: Capture | None = None) -> torch.Tensor:
+    """``x + attn(norm(x)) + mlp(norm(x))`` for ``x`` of shape ``[B, T, hidden]``."""
+    f = module.fields
+    capture = _each_input_once(capture)
+    h = norm_role(x, weights, "input_norm", f, out_dtype=weights["q_proj"].dtype)
+    attn = attention_branch(module, weights, h, capture)
+    mlp = feed_forward(weights, h, activation(f.get("activation", "silu")), module, capture)
+    return x + attn.to(x.dtype) + mlp.to(x.dtype)
