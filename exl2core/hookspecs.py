@@ -66,3 +66,10 @@ def exl2_calibration_report(module: "Module", hessians: dict) -> "list[str] | No
     """Return lines worth showing the user about how ``module`` was calibrated (e.g. tokens routed to
     each MoE expert), given the ``{input name: Hessian}`` collected over the calibration rows. The
     pipeline prints them and keeps them in the job state."""
+
+
+@hookspec
+def exl2_config_defaults(raw: dict) -> "dict | None":
+    """Return values for config.json keys that released checkpoints of your architectures leave out
+    (e.g. Gemma 3's ``head_dim``), or None for configs that are not yours. They fill the language
+    model's view (``text_config`` when present) and never override a key the file sets."""

@@ -77,6 +77,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     rope_by_layer_type: dict[str, RopeSpec] = field(default_factory=dict)
+    tensor_keys: frozenset[str] = frozenset()
 
     def get(self, *names: str, default: Any = None) -> Any:
         """First of ``names`` present in the text view (then the top level), else ``default``."""
@@ -150,4 +151,18 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise Exl2Error(f"{path}: unreadable config.json ({e})") from None
-        return cls.from_dict(raw)
+        if not isinstance(raw, dict):
+            raise Exl2Error(f"{path}: config.json is not a JSON object")
+        return cls.from_dict(with_plugin_defaults(raw))
+
+
+def with_plugin_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with the keys plugins supply for configs that omit them (see ``exl2_config_defaults``)."""
+    from exl2core.plugins import plugin_manager
+
+    raw = json.loads(json.dumps(raw))
+    target = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
+    for defaults in plugin_manager().hook.exl2_config_defaults(raw=raw):
+        for key, value in (defaults or {}).items():
+            target.setdefault(key, value)
+    return raw

@@ -41,6 +41,7 @@ class SourceModel:
                                     f"and {shard.name}; remove the stray file")
                 self._file_of[key] = shard
                 self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+        self.config.tensor_keys = frozenset(self._file_of)
 
     def _shard_files(self) -> list[Path]:
         """The files holding the weights: the index's shards, model.safetensors, else every *.safetensors."""

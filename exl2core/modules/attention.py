@@ -89,5 +89,5 @@ def attention_forward(module: Module, weights: dict[str, torch.Tensor], x: torch
     capture_inputs(module, ("o_proj",), out, capture)
     out = apply_linear(weights, "o_proj", out)
     if "post_norm" in weights:
-        out = norm_role(out, weights, "post_norm", f)
+        out = norm_role(out, weights, "post_norm", f, out_dtype=x.dtype)
     return x + out.to(x.dtype)

@@ -21,7 +21,8 @@ ATTN_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
 class DecoderSpec:
     """How one architecture differs from Llama. Names are relative to ``{lm_prefix}model.layers.{i}``.
 
-    ``sliding_windows`` (per layer) overrides what :func:`layer_sliding_windows` reads from the config.
+    ``sliding_windows`` and ``layer_ropes`` (per layer) override what :func:`layer_sliding_windows` and
+    :func:`layer_rope` read from the config.
     """
 
     lm_prefix: str = ""
@@ -49,6 +50,7 @@ class DecoderSpec:
     tied_head: bool | None = None
     fp32_residual: bool = False
     sliding_windows: Sequence[int | None] | None = None
+    layer_ropes: Sequence[RopeSpec] | None = None
     extra_attn_fields: dict = field(default_factory=dict)
 
 
@@ -129,7 +131,7 @@ def attention_module(config: ModelConfig, spec: DecoderSpec, layer: int) -> Modu
         "num_heads": config.num_heads,
         "num_kv_heads": config.num_kv_heads,
         "head_dim": hd,
-        "rope": layer_rope(config, layer),
+        "rope": spec.layer_ropes[layer] if spec.layer_ropes is not None else layer_rope(config, layer),
         "rope_style": spec.rope_style,
         "max_position": config.max_position_embeddings,
         "sliding_window": windows[layer],

@@ -54,5 +54,5 @@ def mlp_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tenso
     h = norm_role(x, weights, "input_norm", f, out_dtype=weights["up_proj"].dtype)
     out = feed_forward(weights, h, activation(f.get("activation", "silu")), module, capture)
     if "post_norm" in weights:
-        out = norm_role(out, weights, "post_norm", f)
+        out = norm_role(out, weights, "post_norm", f, out_dtype=x.dtype)
     return x + out.to(x.dtype)

@@ -52,6 +52,10 @@ class Settings:
                 for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _disk_error(path: Path, e: OSError) -> Exl2Error:
     reason = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system",
               errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, str(e))
@@ -69,6 +73,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.close(fd)
         tmp = Path(name)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,0 +1,242 @@
+"""Gemma-family architectures: Gemma, Gemma 2, Gemma 3 (text-only, and the language model of the VLM).
+
+What sets them apart from Llama (spec §8.5–8.6): RMSNorm weights are stored as ``w − 1`` (offset 1),
+embeddings are scaled by √hidden, the gated MLP uses GELU(tanh) and the head is the embedding. Gemma 2
+adds a post-norm after each sub-block, logit soft-capping, an attention scale of
+``query_pre_attn_scalar^−½``, sliding-window attention on every other layer and the fp32 residual stream
+exllamav2 runs it with (Gemma's hidden states overflow float16). Gemma 3 adds q/k norms, a sliding
+pattern of five local layers per global one and a separate RoPE for the local layers.
+
+The Gemma 3 VLM (``Gemma3ForConditionalGeneration``) is served by the vision plugin, which builds its
+language model with :func:`gemma3_language_plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterable
+from typing import Callable
+
+import pluggy
+
+from exl2core.errors import Exl2Error
+from exl2core.model.config import ModelConfig, RopeSpec
+from exl2core.modules.decoder import DecoderSpec, dense_decoder_plan, layer_types
+from exl2core.plan import Module, ModelPlan
+
+hookimpl = pluggy.HookimplMarker("exl2core")
+
+VLM_ARCHITECTURE = "Gemma3ForConditionalGeneration"
+#: Where the VLM's language model lives: the name exllamav2 reads (and transformers writes) …
+LEGACY_LM_SOURCE = "language_model.model."
+#: … and the layout of checkpoints written from the refactored transformers classes.
+NESTED_LM_SOURCE = "model.language_model."
+#: exllamav2's prefix of the VLM's language model (``language_model.model.layers.*``).
+VLM_LM_PREFIX = "language_model."
+
+#: Gemma 3 text settings that checkpoints leave to transformers' defaults (exllamav2 assumes the same).
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+}
+
+TEXT_ONLY_GEMMA3_WARNING = (
+    "Gemma3ForCausalLM: exllamav2 0.3.2 does not recognize text-only Gemma 3 and loads it as Llama, "
+    "which gives wrong outputs (no norm offset, embedding scale, q/k norms or sliding windows). The "
+    "converted model is correct, but needs a loader that knows Gemma 3 text models; exllamav2 0.3.2 "
+    "only loads Gemma 3 as Gemma3ForConditionalGeneration (the VLM checkpoints)."
+)
+
+
+def _sliding_types(config: ModelConfig, pattern: int) -> list[str]:
+    """Per-layer ``sliding_attention`` / ``full_attention``: the config's ``layer_types``, else (older
+    configs) every ``pattern``-th layer global, the others sliding, as transformers and exllamav2 do."""
+    types = layer_types(config)
+    if types is not None:
+        return types
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(config.num_layers)]
+
+
+def _sliding_windows(config: ModelConfig, types: list[str]) -> list[int | None]:
+    window = config.get("sliding_window", "sliding_window_size")
+    if not window:
+        raise Exl2Error(f"{config.architecture}: config.json lacks 'sliding_window'")
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
+def _soft_cap(config: ModelConfig, name: str) -> float | None:
+    value = config.get(name)
+    return float(value) if value else None
+
+
+def _tied(config: ModelConfig) -> bool:
+    """Gemma ties the head to the embedding unless config.json says otherwise (the key is often absent)."""
+    return bool(config.get("tie_word_embeddings", default=True))
+
+
+def _gemma_spec(config: ModelConfig, lm_prefix: str = "") -> DecoderSpec:
+    """Gemma: Llama with the Gemma quirks; no sliding window even if config.json names one.
+
+    The activation is GELU(tanh) whatever ``hidden_act`` says: early checkpoints say ``gelu`` but the
+    model was trained with the approximation, which is what exllamav2 runs."""
+    return DecoderSpec(lm_prefix=lm_prefix, norm_offset=1.0, activation="gelu_tanh",
+                       embed_scale=config.hidden_size ** 0.5, tied_head=_tied(config),
+                       sliding_windows=[None] * config.num_layers)
+
+
+def _gemma2_spec(config: ModelConfig, lm_prefix: str = "", pattern: int = 2,
+                 qk_norm: bool = False, layer_ropes: list[RopeSpec] | None = None) -> DecoderSpec:
+    types = _sliding_types(config, pattern)
+    scalar = float(config.get("query_pre_attn_scalar", default=config.head_dim))
+    return dataclasses.replace(
+        _gemma_spec(config, lm_prefix),
+        attn_post_norm="post_attention_layernorm",
+        mlp_norm="pre_feedforward_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        attn_scale=scalar ** -0.5,
+        attn_softcap=_soft_cap(config, "attn_logit_softcapping"),
+        final_softcap=_soft_cap(config, "final_logit_softcapping"),
+        fp32_residual=True,
+        sliding_windows=_sliding_windows(config, types),
+        qk_norm=qk_norm,
+        layer_ropes=layer_ropes,
+    )
+
+
+def _gemma3_ropes(config: ModelConfig, types: list[str]) -> list[RopeSpec]:
+    """Per-layer RoPE: the config's per-type parameters (transformers-5 ``rope_parameters``), else the
+    global RoPE (``rope_theta``, ``rope_scaling``) on full layers and plain RoPE of base
+    ``rope_local_base_freq`` on sliding ones."""
+    by_type = dict(config.rope_by_layer_type)
+    by_type.setdefault("full_attention", config.rope)
+    by_type.setdefault("sliding_attention", RopeSpec(
+        theta=float(config.get("rope_local_base_freq", default=10_000.0)),
+        partial_rotary_factor=config.rope.partial_rotary_factor))
+    return [by_type[t] for t in types]
+
+
+def gemma3_config(config: ModelConfig) -> ModelConfig:
+    """``config`` with Gemma 3's defaults filled in where config.json leaves them out (the released VLM
+    configs omit e.g. ``head_dim``, which is not ``hidden_size / heads`` for Gemma 3)."""
+    raw = dict(config.raw)
+    nested = isinstance(raw.get("text_config"), dict)
+    text = dict(raw["text_config"] if nested else raw)
+    missing = {k: v for k, v in GEMMA3_TEXT_DEFAULTS.items() if text.get(k) is None}
+    if not missing:
+        return config
+    text.update(missing)
+    return ModelConfig.from_dict({**raw, "text_config": text} if nested else text)
+
+
+def _gemma3_spec(config: ModelConfig, lm_prefix: str = "") -> DecoderSpec:
+    if config.get("use_bidirectional_attention"):
+        raise Exl2Error(f"{config.architecture}: bidirectional Gemma 3 (an embedding model) is not a "
+                        "causal language model and cannot be converted")
+    pattern = int(config.get("sliding_window_pattern", "_sliding_window_pattern", default=6))
+    types = _sliding_types(config, pattern)
+    return _gemma2_spec(config, lm_prefix, pattern, qk_norm=True, layer_ropes=_gemma3_ropes(config, types))
+
+
+def lm_source_prefix(keys: Iterable[str]) -> str:
+    """The VLM checkpoint's language-model layout, from its tensor names: :data:`NESTED_LM_SOURCE` when
+    its layers are there, else :data:`LEGACY_LM_SOURCE`."""
+    nested = NESTED_LM_SOURCE + "layers."
+    return NESTED_LM_SOURCE if any(k.startswith(nested) for k in keys) else LEGACY_LM_SOURCE
+
+
+def _source_key(key: str) -> str:
+    """A legacy language-model name in the nested layout (``language_model.lm_head`` → ``lm_head``)."""
+    if key.startswith(LEGACY_LM_SOURCE):
+        return NESTED_LM_SOURCE + key[len(LEGACY_LM_SOURCE):]
+    if key.startswith(VLM_LM_PREFIX):
+        return key[len(VLM_LM_PREFIX):]
+    return key
+
+
+def _read_nested_layout(module: Module) -> Module:
+    linears = [dataclasses.replace(lin, source=_source_key(lin.source)) for lin in module.linears]
+    tensors = {role: _source_key(key) for role, key in module.tensors.items()}
+    return dataclasses.replace(module, linears=linears, tensors=tensors)
+
+
+def gemma3_language_plan(config: ModelConfig, architecture: str = VLM_ARCHITECTURE,
+                         source_prefix: str = LEGACY_LM_SOURCE) -> ModelPlan:
+    """The plan of the Gemma 3 VLM's language model, named as exllamav2 reads it
+    (``language_model.model.layers.*``, ``language_model.lm_head``).
+
+    ``source_prefix`` is where the checkpoint keeps it (see :func:`lm_source_prefix`); with the nested
+    layout the plan reads ``model.language_model.*`` and :func:`language_output_name` renames the
+    unquantized tensors. The vision tower and projector are the caller's to add (``carry``)."""
+    if source_prefix not in (LEGACY_LM_SOURCE, NESTED_LM_SOURCE):
+        raise Exl2Error(f"unknown Gemma 3 language-model layout {source_prefix!r} "
+                        f"(expected {LEGACY_LM_SOURCE!r} or {NESTED_LM_SOURCE!r})")
+    config = gemma3_config(config)
+    plan = dense_decoder_plan(config, architecture, _gemma3_spec(config, VLM_LM_PREFIX))
+    if source_prefix == NESTED_LM_SOURCE:
+        plan.modules = [_read_nested_layout(m) for m in plan.modules]
+    return plan
+
+
+def language_output_name(source_key: str) -> str | None:
+    """exllamav2's name of a nested-layout language-model tensor; None for any other key."""
+    if source_key.startswith(NESTED_LM_SOURCE):
+        return LEGACY_LM_SOURCE + source_key[len(NESTED_LM_SOURCE):]
+    return None
+
+
+def _gemma3_text_plan(config: ModelConfig, architecture: str) -> ModelPlan:
+    warnings.warn(TEXT_ONLY_GEMMA3_WARNING, stacklevel=2)
+    config = gemma3_config(config)
+    return dense_decoder_plan(config, architecture, _gemma3_spec(config))
+
+
+def _plain(spec: Callable[[ModelConfig], DecoderSpec]) -> Callable[[ModelConfig, str], ModelPlan]:
+    return lambda config, architecture: dense_decoder_plan(config, architecture, spec(config))
+
+
+#: architectures / model_type → the plan builder.
+ARCHITECTURES: dict[str, Callable[[ModelConfig, str], ModelPlan]] = {
+    "GemmaForCausalLM": _plain(_gemma_spec),
+    "Gemma2ForCausalLM": _plain(_gemma2_spec),
+    "Gemma3ForCausalLM": _gemma3_text_plan,
+    "gemma": _plain(_gemma_spec),
+    "gemma2": _plain(_gemma2_spec),
+    "gemma3_text": _gemma3_text_plan,
+}
+
+
+@hookimpl
+def exl2_architectures() -> list[str]:
+    return list(ARCHITECTURES)
+
+
+@hookimpl
+def exl2_model_plan(config: ModelConfig, architecture: str) -> ModelPlan | None:
+    build = ARCHITECTURES.get(architecture)
+    return build(config, architecture) if build else None
+
+
+@hookimpl
+def exl2_output_name(plan: ModelPlan, source_key: str) -> str | None:
+    if plan.architecture != VLM_ARCHITECTURE:
+        return None
+    return language_output_name(source_key)
+
+
+@hookimpl
+def exl2_config_defaults(raw: dict) -> dict | None:
+    """Gemma 3 configs (text and VLM) leave :data:`GEMMA3_TEXT_DEFAULTS` to transformers' defaults."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    if str(text.get("model_type", raw.get("model_type", ""))).startswith("gemma3"):
+        return GEMMA3_TEXT_DEFAULTS
+    return None
