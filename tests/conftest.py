@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models: thread start-up costs more than it saves, and a loaded machine makes it much worse.
+torch.set_num_threads(1)
+
 TINY_DIMS = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  num_hidden_layers=2, intermediate_size=128, vocab_size=300, max_position_embeddings=256)
 

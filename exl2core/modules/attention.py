@@ -63,13 +63,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, window, q.device), scale=scale)
 
 
-def attention_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                      capture: Capture | None = None) -> torch.Tensor:
-    """``x + o_proj(attention(norm(x)))`` for ``x`` of shape ``[B, T, hidden]``."""
+def attention_branch(module: Module, weights: dict[str, torch.Tensor], h: torch.Tensor,
+                     capture: Capture | None = None) -> torch.Tensor:
+    """``o_proj(attention(h))`` for an already-normed ``h`` ``[B, T, hidden]``: no norm, no residual."""
     f = module.fields
-    b, t, _ = x.shape
+    b, t, _ = h.shape
     heads, kv_heads, head_dim = f["num_heads"], f["num_kv_heads"], f["head_dim"]
-    h = norm_role(x, weights, "input_norm", f, out_dtype=weights["q_proj"].dtype)
     capture_inputs(module, ("q_proj", "k_proj", "v_proj"), h, capture)
     q = apply_linear(weights, "q_proj", h).view(b, t, heads, head_dim)
     k = apply_linear(weights, "k_proj", h).view(b, t, kv_heads, head_dim)
@@ -87,7 +86,14 @@ def attention_forward(module: Module, weights: dict[str, torch.Tensor], x: torch
     out = attend(q, k, v, scale=scale, window=f.get("sliding_window"), softcap=f.get("softcap"))
     out = out.transpose(1, 2).reshape(b, t, heads * head_dim)
     capture_inputs(module, ("o_proj",), out, capture)
-    out = apply_linear(weights, "o_proj", out)
+    return apply_linear(weights, "o_proj", out)
+
+
+def attention_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                      capture: Capture | None = None) -> torch.Tensor:
+    """``x + o_proj(attention(norm(x)))`` for ``x`` of shape ``[B, T, hidden]``."""
+    h = norm_role(x, weights, "input_norm", module.fields, out_dtype=weights["q_proj"].dtype)
+    out = attention_branch(module, weights, h, capture)
     if "post_norm" in weights:
-        out = norm_role(out, weights, "post_norm", f, out_dtype=x.dtype)
+        out = norm_role(out, weights, "post_norm", module.fields, out_dtype=x.dtype)
     return x + out.to(x.dtype)

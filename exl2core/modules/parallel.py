@@ -13,13 +13,12 @@ from dataclasses import replace
 import torch
 
 from exl2core.model.config import ModelConfig
-from exl2core.modules.attention import attend
+from exl2core.modules.attention import attention_branch
 from exl2core.modules.decoder import (DecoderSpec, attention_module, embedding_module, final_norm_module,
                                       head_module, mlp_module)
-from exl2core.modules.linear import Capture, apply_linear, capture_inputs
+from exl2core.modules.linear import Capture
 from exl2core.modules.mlp import activation, feed_forward
 from exl2core.modules.norm import norm_role
-from exl2core.modules.rope import apply_rope, rope_tables
 from exl2core.plan import Module, ModelPlan
 
 #: The activation both branches read, hence the one Hessian q, k, v, gate and up share.
@@ -47,32 +46,6 @@ def parallel_decoder_plan(config: ModelConfig, architecture: str, spec: DecoderS
     modules += [final_norm_module(config, spec), head_module(config, spec)]
     return ModelPlan(architecture=architecture, config=config, modules=modules, lm_prefix=spec.lm_prefix,
                      fp32_residual=spec.fp32_residual)
-
-
-def attention_branch(module: Module, weights: dict[str, torch.Tensor], h: torch.Tensor,
-                     capture: Capture | None = None) -> torch.Tensor:
-    """``o_proj(attention(h))`` for an already-normed ``h`` ``[B, T, hidden]``: no norm, no residual."""
-    f = module.fields
-    b, t, _ = h.shape
-    heads, kv_heads, head_dim = f["num_heads"], f["num_kv_heads"], f["head_dim"]
-    capture_inputs(module, ("q_proj", "k_proj", "v_proj"), h, capture)
-    q = apply_linear(weights, "q_proj", h).view(b, t, heads, head_dim)
-    k = apply_linear(weights, "k_proj", h).view(b, t, kv_heads, head_dim)
-    v = apply_linear(weights, "v_proj", h).view(b, t, kv_heads, head_dim)
-    if "q_norm" in weights:
-        q = norm_role(q, weights, "q_norm", f)
-        k = norm_role(k, weights, "k_norm", f)
-    q, k, v = (a.transpose(1, 2) for a in (q, k, v))
-    rope = f.get("rope")
-    if rope is not None and rope.kind != "none":
-        style = f.get("rope_style", "neox")
-        cos, sin = rope_tables(rope, head_dim, t, style, f.get("max_position"), q.device)
-        q, k = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
-    scale = f.get("scale") or head_dim ** -0.5
-    out = attend(q, k, v, scale=scale, window=f.get("sliding_window"), softcap=f.get("softcap"))
-    out = out.transpose(1, 2).reshape(b, t, heads * head_dim)
-    capture_inputs(module, ("o_proj",), out, capture)
-    return apply_linear(weights, "o_proj", out)
 
 
 def _each_input_once(capture: Capture | None) -> Capture | None:

@@ -22,6 +22,7 @@ MIN_P, MAX_P, P_GRID = 0.70, 1.20, 96
 #: Elements per temporary of the vectorized scale search: cache-sized on CPU, large on GPUs where
 #: kernel launches cost more than memory traffic.
 SEARCH_CHUNK_ELEMS = {"cpu": 1 << 19, "cuda": 1 << 25}
+COARSE_STEP = 8  # the first pass of the scale search looks at every 8th grid point
 
 _GRID = [MIN_P * (1 - i / P_GRID) + MAX_P * (i / P_GRID) for i in range(P_GRID + 1)]
 
@@ -119,8 +120,11 @@ class GroupScales:
 def search_scales(x: torch.Tensor, bits: int) -> GroupScales:
     """Per-column 4-bit scale codes and the group multiplier minimising Σ|error|^3.5 (spec §3.4).
 
-    The 97 candidate multipliers are evaluated together in chunks of the grid, so the cost is a handful
-    of elementwise passes over ``97 × rows × N`` values with no Python loop over elements.
+    The error is evaluated on every 8th point of the 97-point grid and then on the 7 neighbours either
+    side of the best of those: 27 instead of 97 evaluations, the dominant cost of quantizing on a CPU.
+    The error curve is smooth at that spacing; on real weights the result is the exhaustive argmin
+    (checked on every group of a SmolLM2 layer at each bit width), and ties resolve to the lower index
+    as in the exhaustive search.
     """
     maxq = (1 << bits) - 1
     zero = 1 << (bits - 1)
@@ -129,17 +133,30 @@ def search_scales(x: torch.Tensor, bits: int) -> GroupScales:
     qscale = torch.clamp(torch.round(torch.sqrt(base / base_max) * SCALE_STEPS), 1, SCALE_STEPS)
     column_scale = (qscale / SCALE_STEPS) ** 2 * base_max
     grid = torch.tensor(_GRID, dtype=torch.float32, device=x.device)
-    errors = torch.empty(len(_GRID), dtype=torch.float32, device=x.device)
-    step = max(1, SEARCH_CHUNK_ELEMS.get(x.device.type, 1 << 22) // x.numel())
-    for i in range(0, len(_GRID), step):
-        trial = (grid[i:i + step, None] * column_scale).unsqueeze(1)  # [c, 1, N]
-        err = torch.div(x, trial).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x).abs_()
-        errors[i:i + step] = _sum_pow_3_5(err)
-    qscale_max = (base_max * grid[torch.argmin(errors)]).to(torch.float16)
+
+    def best_of(indices: list[int]) -> int:
+        errors = _grid_errors(x, grid[indices], column_scale, zero, maxq)
+        return indices[int(torch.argmin(errors))]
+
+    coarse = best_of(list(range(0, len(_GRID), COARSE_STEP)))
+    best = best_of(list(range(max(0, coarse - COARSE_STEP + 1), min(len(_GRID), coarse + COARSE_STEP))))
+    qscale_max = (base_max * grid[best]).to(torch.float16)
     multiplier = qscale_max * torch.tensor(1 / 256, dtype=torch.float16, device=x.device)
     scale = group_scales(qscale.unsqueeze(0), multiplier.reshape(1))[0].to(torch.float32)
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
     return GroupScales(qscale.to(torch.int16), qscale_max, scale, divisor)
+
+
+def _grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.Tensor, zero: int,
+                 maxq: int) -> torch.Tensor:
+    """Σ|q(x) − x|^3.5 for each candidate multiplier, in chunks that bound the memory used."""
+    errors = torch.empty(len(multipliers), dtype=torch.float32, device=x.device)
+    step = max(1, SEARCH_CHUNK_ELEMS.get(x.device.type, 1 << 22) // x.numel())
+    for i in range(0, len(multipliers), step):
+        trial = (multipliers[i:i + step, None] * column_scale).unsqueeze(1)  # [c, 1, N]
+        err = torch.div(x, trial).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x).abs_()
+        errors[i:i + step] = _sum_pow_3_5(err)
+    return errors
 
 
 def _sum_pow_3_5(err: torch.Tensor) -> torch.Tensor:
