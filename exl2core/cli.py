@@ -179,6 +179,17 @@ def _generate(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from exl2core.kernels.doctor import environment_report
+
+    report = environment_report()
+    width = max(len(field) for field, _ in report)
+    print(f"exl2core {__version__}")
+    for field, value in report:
+        print(f"{field + ':':<{width + 1}} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exl2", description="Quantize HuggingFace models to EXL2.")
     parser.add_argument("--version", action="version", version=f"exl2core {__version__}")
@@ -228,11 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="compute dtype (default: float16 on CUDA, float32 on CPU)")
+    sub.add_parser("doctor", help="show torch, CUDA, compilers and the CUDA kernel build status",
+                   description="Report the torch build, CUDA devices, the CUDA toolkit and C++ compiler "
+                               "found, and whether exl2core's CUDA kernels are built, loadable or forced "
+                               "off (EXL2_NO_KERNELS=1). With a CUDA device the kernels are loaded, "
+                               "compiling them first if needed.")
     return parser
 
 
 COMMANDS = {"convert": _convert, "inspect": _inspect, "plugins": _plugins, "demo": _demo, "eval": _eval,
-            "generate": _generate}
+            "generate": _generate, "doctor": _doctor}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except Exl2Error as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory; use fewer or shorter calibration rows (-r/-l, -mr/-ml) or -gr",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

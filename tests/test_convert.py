@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from exl2core.cli import main
+from exl2core.model.exl2_weights import open_model
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import forward_logits
 from exl2core.plugins import resolve_plan
-from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import pad32
 
 pytestmark = pytest.mark.slow
@@ -21,23 +21,9 @@ pytestmark = pytest.mark.slow
 CAL = ["-mr", "3", "-ml", "64", "-r", "6", "-l", "64", "--device", "cpu"]
 
 
-def exl2_logits(model_dir: Path, exl2_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the source model with every linear replaced by the dequantized EXL2 tensors."""
-    source = SourceModel(model_dir)
-    plan = resolve_plan(source.config)
-    handles = [safe_open(str(p), "pt") for p in sorted(exl2_dir.glob("output*.safetensors"))]
-    index = {k: h for h in handles for k in h.keys()}
-
-    def override(module):
-        out = {}
-        for lin in module.linears:
-            suffixes = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "bias")
-            t = {s: index[f"{lin.key}.{s}"].get_tensor(f"{lin.key}.{s}") for s in suffixes
-                 if f"{lin.key}.{s}" in index}
-            out[lin.name] = dequantize(t)[: lin.out_features]
-        return out
-
-    return forward_logits(source, plan, ids, weights_override=override)
+def exl2_logits(exl2_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a compiled EXL2 directory through exl2core's own loader."""
+    return open_model(exl2_dir).logits(ids, dtype=torch.float32, device="cpu")
 
 
 def kl(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -103,7 +89,7 @@ def test_convert_bitrates(convert_model, measured, tmp_path, bits, kl_by_bits):
     assert not (out / "model.safetensors").exists()
     ids = torch.randint(0, 500, (2, 48), generator=torch.Generator().manual_seed(1))
     ref = forward_logits(SourceModel(convert_model), plan, ids)
-    kl_by_bits[bits] = kl(ref, exl2_logits(convert_model, out, ids))
+    kl_by_bits[bits] = kl(ref, exl2_logits(out, ids))
     assert job["calibration_perplexity"] < 1e4
 
 
@@ -175,3 +161,19 @@ def test_measurement_of_another_model(convert_model, tiny_llama, tmp_path, capsy
     path.write_text(json.dumps(other))
     assert main(["convert", "-i", str(convert_model), "-o", str(tmp_path / "w"), "-m", str(path), *CAL]) == 1
     assert "does not match this model" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_a_clear_error_and_resumes(convert_model, measured, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output directory's parent should be")
+    args = ["convert", "-i", str(convert_model), "-o", str(tmp_path / "job"), "-m", str(measured),
+            "-cf", str(blocker / "model"), *CAL]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: cannot create the output directory") and "Traceback" not in err
+    state = json.loads((tmp_path / "job" / "job.json").read_text())["state"]
+    assert state["progress"] == "compile"
+    blocker.unlink()
+    blocker.mkdir()
+    assert main(args) == 0
+    assert (blocker / "model" / "output.safetensors").is_file()

@@ -220,7 +220,11 @@ class Converter:
 
     def compile(self) -> None:
         target = Path(self.s.compile_full) if self.s.compile_full else self.job.dir
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Exl2Error(f"cannot create the output directory {target} ({e.strerror}); fix it and rerun "
+                            "the same command to finish the job") from None
         self.report.stage("Compiling", len(self.plan.modules) + 1)
 
         def chunks():

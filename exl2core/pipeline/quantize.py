@@ -18,7 +18,7 @@ from exl2core.plan import Linear, Module
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
 from exl2core.pipeline.runner import calibration_report, forward_rows, prepare_hessians, relative_error
-from exl2core.quant.gptq import quantize_linear
+from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import HEAD_OPTIONS, QParams
 
@@ -56,10 +56,12 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     """
     if not module.linears:
         return ModuleResult(forward_rows(fwd, module, weights, states))
-    hessians: dict = {}
     is_head = module.kind == "head"
-    targets = forward_rows(fwd, module, weights, states, hessians,
-                           reduce=(lambda i, y: None) if is_head else None)
+    if is_head:
+        hessians = head_hessians(module, states)
+    else:
+        hessians = {}
+        targets = forward_rows(fwd, module, weights, states, hessians)
     prepared = prepare_hessians(module, hessians, states.device)
     notes = calibration_report(module, hessians)
     for lin in module.linears:
@@ -82,6 +84,17 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         return ModuleResult([], perplexity=ppl.perplexity() if ppl.count else None, notes=notes)
     outputs = forward_rows(fwd, module, weights, states)
     return ModuleResult(outputs, error=relative_error(outputs, targets), notes=notes)
+
+
+def head_hessians(module: Module, states: HiddenStates) -> dict[str, Hessian]:
+    """The head reads the module's input unchanged, so its Hessian needs no forward: computing the
+    logits of every calibration row only to discard them is the costliest step of the whole pass."""
+    (lin,) = module.linears
+    hessian = Hessian(lin.in_features, states.device)
+    with torch.inference_mode():
+        for i in range(len(states)):
+            hessian.add(states.row(i))
+    return {lin.input: hessian}
 
 
 class NextTokenLoss:
