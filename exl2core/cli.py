@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exl2Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return 0
     except OSError as e:
         print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import pluggy
-
+from exl2core import hookimpl
 from exl2core.plan import Module, ModelPlan
-
-hookimpl = pluggy.HookimplMarker("exl2core")
 
 
 @hookimpl(trylast=True)

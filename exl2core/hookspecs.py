@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from exl2core.plan import Module, ModelPlan
 
 hookspec = pluggy.HookspecMarker("exl2core")
+hookimpl = pluggy.HookimplMarker("exl2core")
 
 
 @hookspec

@@ -17,7 +17,6 @@ from exl2core.model.config import ModelConfig
 from exl2core.plan import ModelPlan
 
 ENTRY_POINT_GROUP = "exl2core.architectures"
-hookimpl = pluggy.HookimplMarker("exl2core")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from exl2core.modules.linear import apply_linear
 from exl2core.modules.moe import UnderRoutedExpertWarning, down_input, expert_token_counts
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.runner import forward_rows
-from exl2core.plugins import hookimpl, plugin_manager, resolve_plan
+from exl2core import hookimpl
+from exl2core.plugins import plugin_manager, resolve_plan
 from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import pad32, table_setting
 

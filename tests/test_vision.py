@@ -18,7 +18,7 @@ from exl2core.model.exl2_weights import open_model
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import forward_logits
 from exl2core.plugins import plugin_manager, resolve_plan
-from exl2_vision import output_name, vision_plan
+from exl2_vision import output_name
 
 VOCAB = 320
 #: Token ids of the multimodal markers, kept out of the text ids the tests feed.

@@ -31,7 +31,7 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
     with torch.inference_mode():
         for i in range(len(states) if rows is None else min(rows, len(states))):
             y = fwd(module, weights, states.row(i), capture if hessians is not None else None)
-            if not torch.isfinite(y).all():
+            if not torch.isfinite(y.sum(dtype=torch.float32)):  # one reduction, no boolean temporary
                 raise Exl2Error(f"{module.key}: non-finite activations in calibration row {i} "
                                 "(the source model overflows in this precision)")
             if reduce is not None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pluggy
-
+from exl2core import hookimpl
 from exl2core.model.config import ModelConfig
 from exl2core.modules.decoder import DecoderSpec, layer_types
 from exl2core.modules.parallel import parallel_decoder_plan
 from exl2core.plan import ModelPlan
 
-hookimpl = pluggy.HookimplMarker("exl2core")
 
 #: transformers' default when config.json has no ``logit_scale``.
 DEFAULT_LOGIT_SCALE = 0.0625

@@ -18,14 +18,12 @@ import warnings
 from collections.abc import Iterable
 from typing import Callable
 
-import pluggy
-
+from exl2core import hookimpl
 from exl2core.errors import Exl2Error
 from exl2core.model.config import ModelConfig, RopeSpec
 from exl2core.modules.decoder import DecoderSpec, dense_decoder_plan, layer_types
 from exl2core.plan import Module, ModelPlan
 
-hookimpl = pluggy.HookimplMarker("exl2core")
 
 VLM_ARCHITECTURE = "Gemma3ForConditionalGeneration"
 #: Where the VLM's language model lives: the name exllamav2 reads (and transformers writes) …

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import pluggy
-
+from exl2core import hookimpl
 from exl2core.model.config import ModelConfig
 from exl2core.modules.decoder import DecoderSpec, dense_decoder_plan
 from exl2core.plan import ModelPlan
-
-hookimpl = pluggy.HookimplMarker("exl2core")
 
 
 def _llama(config: ModelConfig) -> DecoderSpec:

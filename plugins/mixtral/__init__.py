@@ -31,15 +31,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-import pluggy
-
+from exl2core import hookimpl
 from exl2core.errors import Exl2Error
 from exl2core.model.config import ModelConfig
 from exl2core.modules.decoder import DecoderSpec, dense_decoder_plan
 from exl2core.modules.moe import MOE_INPUT, down_input, expert_token_counts
 from exl2core.plan import Linear, Module, ModelPlan, Slot
 
-hookimpl = pluggy.HookimplMarker("exl2core")
 
 ALL_EXPERTS_ENV = "EXL2_MOE_ALL_EXPERTS"
 MOE_MODE = "block_sparse_moe"

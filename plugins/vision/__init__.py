@@ -29,16 +29,15 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import replace
 
-import pluggy
 from exl2_gemma import LEGACY_LM_SOURCE, NESTED_LM_SOURCE, gemma3_language_plan
 from exl2_llama import ARCHITECTURES as LLAMA_FAMILY
 
+from exl2core import hookimpl
 from exl2core.errors import Exl2Error
 from exl2core.model.config import ModelConfig
 from exl2core.modules.decoder import DecoderSpec, dense_decoder_plan
 from exl2core.plan import Module, ModelPlan
 
-hookimpl = pluggy.HookimplMarker("exl2core")
 
 LLAVA = ("LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration")
 QWEN2_VL = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")

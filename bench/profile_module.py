@@ -1,0 +1,79 @@
+"""Where the CPU time of a conversion goes: profile one attention and one MLP block of a model.
+
+    python bench/profile_module.py MODEL_DIR [--layer 0] [--rows 16] [--length 2048] [--pass measure|quant]
+
+Runs the measurement (every candidate of the tables) or the quantization pass (one setting per linear) of
+one layer on random-but-realistic inputs (the model's own embeddings of random token ids) and prints the
+wall time per block and the top functions by own time. Multiply by the number of layers for a whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from exl2core.model.source import SourceModel
+from exl2core.modules.forward import module_forward
+from exl2core.pipeline.hidden import HiddenStates
+from exl2core.pipeline.measure import measure_module
+from exl2core.pipeline.quantize import quantize_module
+from exl2core.plugins import resolve_plan
+from exl2core.quant.qparams import table_setting
+
+#: The table rows the quantization pass profile uses: 4-bit settings, typical of a 4.0 bpw target.
+QUANT_ROW = {"attn": 6, "mlp": 7}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--layer", type=int, default=0)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--pass", dest="which", choices=("measure", "quant"), default="measure")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+
+    source = SourceModel(args.model)
+    plan = resolve_plan(source.config)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    embed = plan.modules[0]
+    weights = source.module_weights(embed, dtype, device)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, source.config.vocab_size, (args.rows, args.length), generator=gen)
+    with torch.inference_mode():
+        rows = [module_forward(embed)(embed, weights, r.unsqueeze(0).to(device)).squeeze(0) for r in ids]
+    states = HiddenStates(rows, device)
+    blocks = [m for m in plan.modules if m.slots and m.key.endswith(f".{args.layer}")]
+    print(f"{args.model}: layer {args.layer}, {args.rows}×{args.length} rows, {args.which} pass, "
+          f"{torch.get_num_threads()} threads, {device}")
+    for module in blocks:
+        weights = source.module_weights(module, dtype, device)
+        if args.which == "measure":
+            call = lambda: measure_module(module_forward(module), module, weights, states)  # noqa: E731
+        else:
+            strategy = {s.key: {role: table_setting(s.table, QUANT_ROW[s.table], role).to_dict()
+                                for role in s.roles} for s in module.slots}
+            call = lambda: quantize_module(module_forward(module), module, weights, states,  # noqa: E731
+                                           strategy, 6, _scratch())
+        profile = cProfile.Profile()
+        start = time.perf_counter()
+        profile.runcall(call)
+        print(f"\n{module.measurement_key}: {time.perf_counter() - start:.1f} s")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+
+
+def _scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="exl2-profile-"))
+
+
+if __name__ == "__main__":
+    main()
