@@ -1,0 +1,208 @@
+"""CUDA kernels for the quantizer and the EXL2 layout, each falling back to the PyTorch reference.
+
+Every function takes and returns torch tensors. On CUDA tensors it runs the compiled extension when it
+loads (``build.load_extension``); otherwise (CPU tensors, ``EXL2_NO_KERNELS=1``, no toolkit, failed
+build) it runs the reference in ``exl2core.quant``, which defines the numerics. Kernel and reference
+agree bit for bit, except ``grid_errors`` (float summation order) and ``exl2_matmul`` (fp32
+accumulation order), which agree within float / fp16 tolerance.
+
+Hessian accumulation needs no kernel of its own: ``Hessian.add`` is already a single GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from exl2core.errors import Exl2Error
+from exl2core.kernels.build import load_extension
+from exl2core.kernels.layout import GroupTables, group_tables
+
+#: Above this many rows of ``x`` the fused matmul stops paying off: ``exl2_matmul`` then rebuilds the
+#: fp16 weight once (dequantize kernel) and uses a dense GEMM, as exllamav2 does for long inputs.
+FUSED_MATMUL_MAX_ROWS = 64
+_KERNEL_BITS = frozenset((2, 3, 4, 5, 6, 8))
+
+
+def extension_for(tensor: torch.Tensor) -> ModuleType | None:
+    """The loaded extension if ``tensor`` is on a CUDA device and the kernels are usable, else None."""
+    if tensor.device.type != "cuda":
+        return None
+    return load_extension()
+
+
+def quantize_group(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: int,
+    maxq: int,
+    diag: torch.Tensor | None = None,
+    *,
+    divisor: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ's quantize step for rows ``w [..., N]`` at fp16 column scales: ``(codes, q, err)``.
+
+    ``codes = clamp(rint(w / scale) + zero, 0, maxq)`` (int16; a zero scale divides by 1), ``q`` the
+    fp16-exact fake-quantized value (float32) and ``err = (w − q) / diag`` (per row; undivided when
+    ``diag`` is None). ``out`` writes into given tensors, ``err`` may be None there. ``divisor`` (the
+    zero-safe scale, if precomputed) only spares the reference an op; the kernel derives it in registers.
+    Bit-exact with ``gptq.quantize_rows``.
+    """
+    ext = extension_for(w)
+    if ext is None or w.dtype != torch.float32 or scale.dtype != torch.float32:
+        from exl2core.quant.gptq import quantize_rows
+
+        return quantize_rows(w, scale, zero, maxq, diag, divisor=divisor, out=out)
+    if out is None:
+        out = (torch.empty(w.shape, dtype=torch.int16, device=w.device), torch.empty_like(w),
+               torch.empty_like(w))
+    targets = [t if t is None or t.is_contiguous() else torch.empty_like(t) for t in out]
+    flat_diag = None if diag is None else diag.to(torch.float32).reshape(-1).contiguous()
+    ext.quantize_rows(w.contiguous(), scale.contiguous(), flat_diag, zero, maxq, *targets)
+    for given, target in zip(out, targets):
+        if given is not target:
+            given.copy_(target)
+    return out
+
+
+def grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.Tensor, zero: int,
+                maxq: int) -> torch.Tensor:
+    """``Σ |q(x) − x|^3.5`` over ``x [R, N]`` for each trial scale ``multipliers[c] · column_scale``.
+
+    On CUDA one fused pass (block reduction, then a sum over blocks) instead of materialising
+    ``[c, R, N]`` temporaries; equal to ``gptq.grid_errors`` within float tolerance.
+    """
+    ext = extension_for(x)
+    if ext is None or x.dtype != torch.float32:
+        from exl2core.quant.gptq import grid_errors as reference
+
+        return reference(x, multipliers, column_scale, zero, maxq)
+    return ext.grid_errors(x.contiguous(), multipliers.to(torch.float32).contiguous(),
+                           column_scale.to(torch.float32).contiguous(), zero, maxq)
+
+
+def pack_codes(codes: torch.Tensor, group_bits: list[int], group_rows: list[int]) -> torch.Tensor:
+    """Codes ``[K, N]`` (permuted rows) → ``q_weight`` int32 ``[Q, N]`` (§1.3), as ``pack.pack_codes``."""
+    ext = extension_for(codes)
+    if ext is None or not set(group_bits) <= _KERNEL_BITS:
+        from exl2core.quant.pack import pack_codes as reference
+
+        return reference(codes, group_bits, group_rows)
+    tables = _checked_tables(codes, group_bits, group_rows)
+    return ext.pack_codes(codes.to(torch.int16).contiguous(), tables.bits, tables.row_start,
+                          tables.qrow_start, tables.word_group)
+
+
+def unpack_codes(q_weight: torch.Tensor,
+                 q_groups: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``q_weight`` → codes int16 ``[K, N]``, group widths and row counts, as ``pack.unpack_codes``."""
+    from exl2core.quant.pack import group_layout, unpack_codes as reference
+
+    ext = extension_for(q_weight)
+    if ext is None or q_weight.dtype != torch.int32:
+        return reference(q_weight, q_groups)
+    group_bits, group_rows = group_layout(q_groups, q_weight.shape[0])
+    tables = group_tables(group_bits, group_rows, q_weight.device)
+    codes = ext.unpack_codes(q_weight.contiguous(), tables.bits, tables.row_start, tables.qrow_start,
+                             tables.row_group)
+    return codes, group_bits, group_rows
+
+
+@dataclass
+class PreparedMatrix:
+    """One EXL2 layer's device-side tables, built once for repeated ``exl2_matmul``/``dequantize`` calls."""
+
+    tensors: dict[str, torch.Tensor]
+    tables: GroupTables
+    invperm: torch.Tensor  # int32 [K]
+    perm: torch.Tensor  # int32 [K], argsort(invperm)
+    scale_max: torch.Tensor  # fp16 [G], q_scale_max · prescale / 256 (the loader's fp16 multiply)
+    prescale: float
+
+
+def prepare_matrix(tensors: dict[str, torch.Tensor], prescale: float = 1.0) -> PreparedMatrix:
+    """Validate an EXL2 tensor set (as the 0.3.2 loader would) and build its tables on its device."""
+    from exl2core.quant.pack import check_tensors, group_layout
+
+    check_tensors(tensors)
+    q_weight = tensors["q_weight"]
+    device = q_weight.device
+    group_bits, group_rows = group_layout(tensors["q_groups"], q_weight.shape[0])
+    tables = group_tables(group_bits, group_rows, device)
+    invperm = tensors["q_invperm"].to(device=device, dtype=torch.int64)
+    if invperm.numel() != tables.rows or not torch.equal(invperm.sort().values,
+                                                         torch.arange(tables.rows, device=device)):
+        raise Exl2Error(f"q_invperm is not a permutation of the {tables.rows} rows described by q_groups")
+    scale_max = tensors["q_scale_max"].to(device) * (prescale / 256)
+    return PreparedMatrix(tensors, tables, invperm.to(torch.int32), torch.argsort(invperm).to(torch.int32),
+                          scale_max.contiguous(), prescale)
+
+
+def dequantize(tensors: dict[str, torch.Tensor] | PreparedMatrix, prescale: float = 1.0) -> torch.Tensor:
+    """fp16 weight ``[N, K]`` of an EXL2 layer (§1.9), bit-exact with ``pack.dequantize``.
+
+    A ``PreparedMatrix`` carries its own prescale (``prescale`` is then ignored).
+    """
+    raw = tensors.tensors if isinstance(tensors, PreparedMatrix) else tensors
+    ext = extension_for(raw["q_weight"]) if "q_weight" in raw else None
+    if ext is None:
+        from exl2core.quant.pack import dequantize as reference
+
+        return reference(raw, tensors.prescale if isinstance(tensors, PreparedMatrix) else prescale)
+    prepared = tensors if isinstance(tensors, PreparedMatrix) else prepare_matrix(tensors, prescale)
+    device = raw["q_weight"].device
+    tables = prepared.tables
+    return ext.dequantize(raw["q_weight"].contiguous(), raw["q_scale"].to(device).contiguous(),
+                          prepared.scale_max, prepared.invperm, tables.bits, tables.row_start,
+                          tables.qrow_start, tables.row_group)
+
+
+def exl2_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor] | PreparedMatrix,
+                prescale: float = 1.0) -> torch.Tensor:
+    """``x · W`` for fp16 ``x [..., K]`` and an EXL2 layer (``W = dequantize(tensors).T``), fp16 out.
+
+    The bias is not added. On CUDA, up to ``FUSED_MATMUL_MAX_ROWS`` rows run the fused kernel (weights
+    rebuilt in registers, fp32 accumulation); longer inputs and other devices multiply by the
+    dequantized weight. Pass a ``PreparedMatrix`` to skip validation and table building per call.
+    """
+    prepared = tensors if isinstance(tensors, PreparedMatrix) else prepare_matrix(tensors, prescale)
+    if x.dtype != torch.float16:
+        raise Exl2Error(f"exl2_matmul needs fp16 activations, got {x.dtype}")
+    k = prepared.tables.rows
+    if x.shape[-1] != k:
+        raise Exl2Error(f"activations have {x.shape[-1]} features but the EXL2 weight has {k} rows")
+    rows = x.reshape(-1, k)
+    ext = extension_for(x)
+    chunk_group = prepared.tables.chunk_group() if ext is not None else None
+    if ext is None or chunk_group is None or rows.shape[0] > FUSED_MATMUL_MAX_ROWS:
+        weight = dequantize(prepared)
+        if x.device.type == "cuda":
+            y = rows @ weight.T
+        else:
+            y = (rows.float() @ weight.float().T).to(torch.float16)
+    else:
+        raw, tables = prepared.tensors, prepared.tables
+        y = ext.exl2_matmul(rows.contiguous(), prepared.perm, raw["q_weight"].contiguous(),
+                            raw["q_scale"].to(x.device).contiguous(), prepared.scale_max, tables.bits,
+                            tables.qrow_start, tables.row_start, chunk_group)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _checked_tables(codes: torch.Tensor, group_bits: list[int], group_rows: list[int]) -> GroupTables:
+    """Group tables for packing, rejecting what ``pack.pack_codes`` rejects (with the same messages)."""
+    if sum(group_rows) != codes.shape[0]:
+        raise Exl2Error(f"groups cover {sum(group_rows)} rows but the code matrix has {codes.shape[0]}")
+    for bits, rows in zip(group_bits, group_rows):
+        if rows <= 0 or rows * bits % 32:
+            raise Exl2Error(f"a {bits}-bit group of {rows} rows does not fill whole 32-bit words")
+    tables = group_tables(group_bits, group_rows, codes.device)
+    limit = ((1 << tables.bits.to(torch.int64)) - 1)[tables.row_group.to(torch.int64)].unsqueeze(1)
+    bad = (codes < 0) | (codes.to(torch.int64) > limit)
+    if bad.any():
+        row = int(bad.any(1).nonzero()[0])
+        bits = group_bits[int(tables.row_group[row])]
+        raise Exl2Error(f"codes of a {bits}-bit group are outside 0..{(1 << bits) - 1}")
+    return tables

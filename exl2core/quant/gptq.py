@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from exl2core import kernels
 from exl2core.errors import Exl2Error
-from exl2core.quant.pack import group_scales, make_q_groups, pack_codes, pack_scales
+from exl2core.quant.pack import group_scales, make_q_groups, pack_scales
 from exl2core.quant.qparams import QParams, pad32
 
 PERCDAMP = 0.12
@@ -135,7 +136,7 @@ def search_scales(x: torch.Tensor, bits: int) -> GroupScales:
     grid = torch.tensor(_GRID, dtype=torch.float32, device=x.device)
 
     def best_of(indices: list[int]) -> int:
-        errors = _grid_errors(x, grid[indices], column_scale, zero, maxq)
+        errors = kernels.grid_errors(x, grid[indices], column_scale, zero, maxq)
         return indices[int(torch.argmin(errors))]
 
     coarse = best_of(list(range(0, len(_GRID), COARSE_STEP)))
@@ -143,13 +144,14 @@ def search_scales(x: torch.Tensor, bits: int) -> GroupScales:
     qscale_max = (base_max * grid[best]).to(torch.float16)
     multiplier = qscale_max * torch.tensor(1 / 256, dtype=torch.float16, device=x.device)
     scale = group_scales(qscale.unsqueeze(0), multiplier.reshape(1))[0].to(torch.float32)
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return GroupScales(qscale.to(torch.int16), qscale_max, scale, divisor)
+    return GroupScales(qscale.to(torch.int16), qscale_max, scale, _divisor(scale))
 
 
-def _grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.Tensor, zero: int,
-                 maxq: int) -> torch.Tensor:
-    """Σ|q(x) − x|^3.5 for each candidate multiplier, in chunks that bound the memory used."""
+def grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.Tensor, zero: int,
+                maxq: int) -> torch.Tensor:
+    """Σ|q(x) − x|^3.5 for each candidate multiplier, in chunks that bound the memory used.
+
+    The reference of ``kernels.grid_errors`` (which search_scales calls: fused kernel on CUDA)."""
     errors = torch.empty(len(multipliers), dtype=torch.float32, device=x.device)
     step = max(1, SEARCH_CHUNK_ELEMS.get(x.device.type, 1 << 22) // x.numel())
     for i in range(0, len(multipliers), step):
@@ -186,7 +188,7 @@ class QuantizedLinear:
         if self.perm.numel() > 1 << 16:
             raise Exl2Error(f"{self.perm.numel()} input features exceed the 65536 the EXL2 loader supports")
         tensors = {
-            "q_weight": pack_codes(self.codes, self.group_bits, self.group_rows),
+            "q_weight": kernels.pack_codes(self.codes, self.group_bits, self.group_rows),
             "q_scale": pack_scales(self.qscale),
             "q_scale_max": self.qscale_max.to(torch.float16),
             "q_groups": make_q_groups(self.group_bits, self.group_rows).to(self.codes.device),
@@ -259,19 +261,56 @@ def quantize_linear(
     )
 
 
+def quantize_rows(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: int,
+    maxq: int,
+    diag: torch.Tensor | None = None,
+    *,
+    divisor: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round rows ``w [..., N]`` to codes at fp16 column scales: ``(codes, q, err)`` (§3.5).
+
+    ``codes = clamp(rint(w / scale) + zero, 0, maxq)`` (a zero scale divides by 1, so an all-zero
+    column rounds to code ``zero``), ``q`` the fake-quantized value and ``err = (w − q) / diag`` per row
+    (undivided without ``diag``). ``(q − z)·scale`` is exact in float32 (small integer times an fp16
+    number), so one rounding to fp16 reproduces the fp16 multiply of the reconstruction kernel.
+    ``divisor`` is that zero-safe scale if the caller has it (it saves an op per row); ``out`` writes in
+    place (its ``err`` may be None). The reference of ``kernels.quantize_group``.
+    """
+    if out is None:
+        out = (torch.empty(w.shape, dtype=torch.int16, device=w.device),
+               torch.empty(w.shape, dtype=torch.float32, device=w.device),
+               torch.empty(w.shape, dtype=torch.float32, device=w.device))
+    codes, fake, err = out
+    q = torch.div(w, _divisor(scale) if divisor is None else divisor).round_().add_(zero).clamp_(0, maxq)
+    codes.copy_(q)
+    fake.copy_(q.sub_(zero).mul_(scale).to(torch.float16))
+    if err is not None:
+        torch.sub(w, fake, out=err)
+        if diag is not None:
+            err.div_(diag if diag.dim() == 0 else diag.unsqueeze(-1))
+    return out
+
+
+def _divisor(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _row_quantizer(w: torch.Tensor):
+    """``kernels.quantize_group`` where the CUDA extension serves ``w``'s device, else ``quantize_rows``
+    (decided once per group, so the CPU loop pays no dispatch per row)."""
+    return kernels.quantize_group if kernels.extension_for(w) is not None else quantize_rows
+
+
 def _round_rows(
     w: torch.Tensor, found: GroupScales, bits: int, codes: torch.Tensor, fake: torch.Tensor
 ) -> None:
-    """Round rows to their nearest codes; write codes and fp16-exact fake-quantized values in place.
-
-    ``(q − z)·scale`` is exact in float32 (small integer times an fp16 number), so one rounding to
-    fp16 reproduces the fp16 multiply of the reconstruction kernel.
-    """
-    maxq = (1 << bits) - 1
-    zero = 1 << (bits - 1)
-    q = torch.div(w, found.divisor).round_().add_(zero).clamp_(0, maxq)
-    codes.copy_(q)
-    fake.copy_(q.sub_(zero).mul_(found.scale).to(torch.float16))
+    """Round rows to their nearest codes; write codes and fp16-exact fake-quantized values in place."""
+    _row_quantizer(w)(w, found.scale, 1 << (bits - 1), (1 << bits) - 1, divisor=found.divisor,
+                      out=(codes, fake, None))
 
 
 def _gptq_group(
@@ -286,10 +325,12 @@ def _gptq_group(
 ) -> None:
     """Quantize rows ``start:end`` of ``w`` with error feedback, then lazily update the later rows."""
     errors = torch.empty(end - start, w.shape[1], dtype=torch.float32, device=w.device)
+    zero, maxq = 1 << (bits - 1), (1 << bits) - 1
+    quantize = _row_quantizer(w)
     for i, row in enumerate(range(start, end)):
-        _round_rows(w[row], found, bits, codes[row], fake[row])
         err = errors[i]
-        torch.sub(w[row], fake[row], out=err).div_(inv_upper[row, row])
+        quantize(w[row], found.scale, zero, maxq, inv_upper[row, row], divisor=found.divisor,
+                 out=(codes[row], fake[row], err))
         if row + 1 < end:
             w[row + 1:end].addr_(inv_upper[row, row + 1:end], err, alpha=-1)
     if end < w.shape[0]:
