@@ -140,6 +140,7 @@ def test_bad_settings(convert_model, measured, tmp_path, capsys, extra, message)
 def test_missing_model(tmp_path, capsys):
     assert main(["convert", "-i", str(tmp_path / "nope"), "-o", str(tmp_path / "w")]) == 1
     assert "no such model directory" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 def test_corrupt_shard(convert_model, tmp_path, capsys):

@@ -327,6 +327,7 @@ def convert(settings: Settings, out_dir: str | Path, runtime: Runtime, *, restar
         value = getattr(settings, name)
         if value:
             setattr(settings, name, str(Path(value).resolve()))
+    SourceModel(settings.in_dir)  # a bad source fails here, before a job directory is created
     job = Job.open(out_dir, settings, restart=restart)
     if job.progress == "finished":
         return job.state
