@@ -178,3 +178,17 @@ def test_unwritable_output_is_a_clear_error_and_resumes(convert_model, measured,
     blocker.mkdir()
     assert main(args) == 0
     assert (blocker / "model" / "output.safetensors").is_file()
+
+
+def test_transformers5_config_gains_the_keys_exllamav2_reads():
+    from exl2core.pipeline.compile import with_classic_keys
+
+    section = {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+               "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2}
+    out = with_classic_keys(section)
+    assert out["rope_theta"] == 1e6 and out["rope_local_base_freq"] == 1e4
+    assert out["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    assert out["sliding_window_pattern"] == 6
+    plain = with_classic_keys({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "rope_theta": 1})
+    assert plain["rope_theta"] == 1 and "rope_scaling" not in plain

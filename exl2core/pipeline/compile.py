@@ -97,9 +97,33 @@ def copy_source_files(in_dir: Path, out_dir: Path) -> None:
         atomic_write(out_dir / name, lambda p, src=path: shutil.copyfile(src, p))
 
 
+def with_classic_keys(section: dict) -> dict:
+    """Add the classic keys exllamav2 0.3.2 reads (``rope_theta``, ``rope_scaling``,
+    ``rope_local_base_freq``, ``sliding_window_pattern``) to a config section written in the
+    transformers-5 style (``rope_parameters``, ``layer_types``); keys already present are kept."""
+    params = section.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        nested = all(isinstance(v, dict) for v in params.values())
+        main = params.get("full_attention", next(iter(params.values()))) if nested else params
+        if "rope_theta" in main:
+            section.setdefault("rope_theta", main["rope_theta"])
+        if main.get("rope_type", "default") != "default":
+            section.setdefault("rope_scaling", {k: v for k, v in main.items() if k != "rope_theta"})
+        if nested and "rope_theta" in params.get("sliding_attention", {}):
+            section.setdefault("rope_local_base_freq", params["sliding_attention"]["rope_theta"])
+    types = section.get("layer_types")
+    if isinstance(types, list) and "full_attention" in types:
+        period = types.index("full_attention") + 1
+        if all((t == "full_attention") == ((i + 1) % period == 0) for i, t in enumerate(types)):
+            section.setdefault("sliding_window_pattern", period)
+    return section
+
+
 def write_quantization_config(config_path: Path, bits: float, head_bits: int, rows: int, length: int,
                               dataset: str) -> None:
-    config = json.loads(config_path.read_text())
+    config = with_classic_keys(json.loads(config_path.read_text()))
+    if isinstance(config.get("text_config"), dict):
+        with_classic_keys(config["text_config"])
     config["quantization_config"] = {
         "quant_method": "exl2",
         "version": "0.3.2",
