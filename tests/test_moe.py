@@ -318,3 +318,14 @@ def test_convert_tiny_mixtral(tmp_path):
     ids = model.random_ids(batch=2, length=32, seed=5)
     ref = forward_logits(source, plan, ids)
     assert kl(ref, forward_logits(source, plan, ids, weights_override=dequantized)) < 0.05
+
+
+def test_resuming_with_another_all_experts_setting_is_refused(tiny_model, monkeypatch):
+    """The option is read from the environment, so the job fingerprints the plan it started with."""
+    from exl2core.pipeline.convert import plan_digest
+
+    source = SourceModel(tiny_model("mixtral", **MOE_DIMS).path)
+    before = plan_digest(resolve_plan(source.config))
+    assert plan_digest(resolve_plan(source.config)) == before
+    monkeypatch.setenv("EXL2_MOE_ALL_EXPERTS", "1")
+    assert plan_digest(resolve_plan(source.config)) != before

@@ -7,6 +7,7 @@ every ``checkpoint_interval`` seconds; work after the last checkpoint is redone 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -81,6 +82,11 @@ class Converter:
         self.source = SourceModel(self.s.in_dir)
         self.plan = resolve_plan(self.source.config, self.s.arch)
         apply_rope_overrides(self.plan, self.s)
+        digest = plan_digest(self.plan)
+        if job.state.setdefault("plan_digest", digest) != digest:
+            raise Exl2Error(f"the model plan differs from the one this job started with (another plugin "
+                            f"version, or a plugin option such as EXL2_MOE_ALL_EXPERTS changed); rerun with "
+                            f"the original setup, or -nr to start over")
         if "dtype" not in job.state:
             job.update(dtype="float16" if self.device.type == "cuda" and not self.plan.fp32_residual
                        else "float32")
@@ -284,6 +290,15 @@ class Converter:
         self.job.update(hidden_states=name, **updates)
         if old and old != name:
             self.job.path(old).unlink(missing_ok=True)
+
+
+def plan_digest(plan: ModelPlan) -> str:
+    """A fingerprint of everything in the plan that shapes the result, to refuse resuming a job whose
+    plan changed underneath it (plugin upgrades, plugin options read from the environment)."""
+    text = repr([(m.kind, m.key, m.mode, m.linears, sorted(m.tensors.items()), sorted(m.fields.items()),
+                  m.slots) for m in plan.modules] + [plan.lm_prefix, plan.carry, plan.fp32_residual,
+                                                     plan.noise_rows])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _record_lists(record) -> list[list[dict]]:
