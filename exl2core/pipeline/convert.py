@@ -84,9 +84,9 @@ class Converter:
         apply_rope_overrides(self.plan, self.s)
         digest = plan_digest(self.plan)
         if job.state.setdefault("plan_digest", digest) != digest:
-            raise Exl2Error(f"the model plan differs from the one this job started with (another plugin "
-                            f"version, or a plugin option such as EXL2_MOE_ALL_EXPERTS changed); rerun with "
-                            f"the original setup, or -nr to start over")
+            raise Exl2Error("the model plan differs from the one this job started with (another plugin "
+                            "version, or a plugin option such as EXL2_MOE_ALL_EXPERTS changed); rerun with "
+                            "the original setup, or -nr to start over")
         if "dtype" not in job.state:
             job.update(dtype="float16" if self.device.type == "cuda" and not self.plan.fp32_residual
                        else "float32")
@@ -141,8 +141,13 @@ class Converter:
         self.report.stage("Measuring", total, done)
         states = self._load_states()
         last_save = time.monotonic()
+        last_measured = max(i for i, m in enumerate(modules) if m.slots)
         for idx in range(start, len(modules)):
             module = modules[idx]
+            if idx > last_measured:  # the final norm and head: nothing after them is measured
+                measurement[module.measurement_key] = None
+                self.report.advance()
+                continue
             weights = self.source.module_weights(module, self.dtype, self.device)
             record, outputs = measure_module(module_forward(module), module, weights, states,
                                              on_candidate=self.report.advance)
@@ -153,8 +158,7 @@ class Converter:
                     raise Exl2Error(f"{module.measurement_key}: best measured accuracy {best:.4f} < 0.1; "
                                     "the forward or the calibration data is broken")
             measurement[module.measurement_key] = record
-            if module.kind != "head":
-                states = states.replaced(outputs)
+            states = states.replaced(outputs)
             del weights
             if idx < len(modules) - 1 and time.monotonic() - last_save >= self.rt.checkpoint_interval:
                 self._checkpoint(states, idx, "last_module_idx", measurement=measurement)

@@ -37,7 +37,7 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
             if reduce is not None:
                 reduce(i, y)
             else:
-                outputs.append(y.squeeze(0).to(states.rows[i].device).unsqueeze(0))
+                outputs.append(y.to(states.rows[i].device))
     return outputs
 
 
