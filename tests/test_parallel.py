@@ -13,9 +13,16 @@ from exl2core.cli import main
 from exl2core.model.exl2_weights import open_model
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import forward_logits
+from exl2core.modules.attention import attention_branch
 from exl2core.modules.forward import module_forward
+from exl2core.modules.mlp import activation, feed_forward
 from exl2core.modules.norm import normalize
+from exl2core.pipeline.hidden import HiddenStates
+from exl2core.pipeline.measure import measure_module
+from exl2core.pipeline.runner import prepare_hessians, forward_rows
 from exl2core.plugins import plugin_manager, resolve_plan
+from exl2core.quant.gptq import quantize_linear
+from exl2core.quant.qparams import table_setting
 
 MODELS = {
     "cohere": ("cohere", {}),
@@ -84,7 +91,7 @@ def test_capture_reports_each_input_once(tiny_model):
     x = torch.randn(1, 12, model.hf.config.hidden_size, generator=torch.Generator().manual_seed(1))
     seen: list[tuple[str, torch.Tensor]] = []
     y = module_forward(module)(module, weights, x, lambda name, t: seen.append((name, t)))
-    assert [name for name, _ in seen] == ["attn_in", "attn_out", "mlp_down"]
+    assert [name for name, _ in seen] == ["attn_in", "attn_out", "mlp_down", "attn_branch", "mlp_branch"]
     normed = normalize(x, weights["input_norm"], kind="layer", eps=module.fields["norm_eps"])
     torch.testing.assert_close(seen[0][1], normed)
     layer = model.hf.model.layers[0]
@@ -94,6 +101,41 @@ def test_capture_reports_each_input_once(tiny_model):
         causal = torch.full((12, 12), float("-inf")).triu(1)[None, None]
         expected = x + layer.self_attn(h, (cos, sin), causal)[0] + layer.mlp(h)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_each_branch_is_measured_on_its_own_output(tiny_model):
+    """Spec §4.5: a parallel decoder's attention and MLP slots are scored on their branch outputs
+    (residual and the other branch excluded), recomputed here with the branches called directly."""
+    model = tiny_model("cohere")
+    source, plan = _open(model)
+    module = plan.modules[1]
+    weights = source.module_weights(module, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(2)
+    states = HiddenStates([torch.randn(16, model.hf.config.hidden_size, generator=gen) for _ in range(2)], "cpu")
+    fwd = module_forward(module)
+    record, targets = measure_module(fwd, module, weights, states)
+    torch.testing.assert_close(targets, forward_rows(fwd, module, weights, states))
+
+    hessians: dict = {}
+    forward_rows(fwd, module, weights, states, hessians)
+    prepared = prepare_hessians(module, hessians, "cpu")
+    branches = {"attn": lambda w, h: attention_branch(module, w, h),
+                "mlp": lambda w, h: feed_forward(w, h, activation(module.fields["activation"]), module, None)}
+    for slot in module.slots:
+        for row in (0, 9):
+            trial = dict(weights)
+            for lin in module.linears:
+                if lin.role in slot.roles:
+                    q = quantize_linear(weights[lin.name], prepared[lin.name],
+                                        table_setting(slot.table, row, lin.role))
+                    trial[lin.name] = q.weight[: lin.out_features].float()
+            errors = []
+            for i in range(len(states)):
+                h = normalize(states.row(i), weights["input_norm"], kind="layer", eps=module.fields["norm_eps"])
+                ref, out = branches[slot.table](weights, h), branches[slot.table](trial, h)
+                errors.append((torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item())
+            expected = 1 - sum(errors) / len(errors)
+            assert record[slot.table][row]["accuracy"] == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 
 Because both branches read the same normed activation, q/k/v and gate/up share one Hessian (input
 ``attn_in``); the block is one module with two measured slots (``attn`` and ``mlp``), stored as
-exllamav2's ``parallel_decoder`` record.
+exllamav2's ``parallel_decoder`` record. As in exllamav2 (spec §4.5), each slot's error is measured on
+its own branch's output, residual excluded, which the forward reports under ``BRANCH_OUTPUTS``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from exl2core.plan import Module, ModelPlan
 
 #: The activation both branches read, hence the one Hessian q, k, v, gate and up share.
 SHARED_INPUT = "attn_in"
+#: Capture names of the two branch outputs, by table: what each slot's error is measured on.
+BRANCH_OUTPUTS = {"attn": "attn_branch", "mlp": "mlp_branch"}
 
 
 def parallel_module(config: ModelConfig, spec: DecoderSpec, layer: int) -> Module:
@@ -36,7 +39,7 @@ def parallel_module(config: ModelConfig, spec: DecoderSpec, layer: int) -> Modul
     return Module(kind="parallel", key=attn.key, mode="parallel_decoder",
                   linears=attn.linears + mlp_linears, tensors=dict(attn.tensors),
                   fields={**attn.fields, "activation": spec.activation},
-                  slots=attn.slots + mlp.slots)
+                  slots=[replace(slot, output=BRANCH_OUTPUTS[slot.table]) for slot in attn.slots + mlp.slots])
 
 
 def parallel_decoder_plan(config: ModelConfig, architecture: str, spec: DecoderSpec) -> ModelPlan:
@@ -71,4 +74,7 @@ def parallel_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.
     h = norm_role(x, weights, "input_norm", f, out_dtype=weights["q_proj"].dtype)
     attn = attention_branch(module, weights, h, capture)
     mlp = feed_forward(weights, h, activation(f.get("activation", "silu")), module, capture)
+    if capture is not None:
+        capture(BRANCH_OUTPUTS["attn"], attn)
+        capture(BRANCH_OUTPUTS["mlp"], mlp)
     return x + attn.to(x.dtype) + mlp.to(x.dtype)

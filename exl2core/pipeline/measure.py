@@ -2,7 +2,8 @@
 
 Each distinct setting of each linear is quantized once (Adaptive GPTQ on the block's own Hessians);
 each table row is then evaluated by swapping the pre-quantized weights into the block and comparing
-the block's output (residual included) with the unquantized output over all calibration rows. The
+the block's output (residual included) with the unquantized output over all calibration rows; a slot
+with its own ``output`` (a parallel decoder's branch) is compared on that activation instead. The
 records are exllamav2's ``measurement.json`` schema, so files are interchangeable.
 """
 
@@ -37,6 +38,8 @@ def measure_module(fwd: Callable, module: Module, weights: dict[str, torch.Tenso
 
 def _measure_slot(fwd, module: Module, slot: Slot, weights, prepared, states, targets, on_candidate):
     linears = [lin for lin in module.linears if lin.role in slot.roles]
+    if slot.output is not None:
+        targets = forward_rows(fwd, module, weights, states, output=slot.output)
     quantized: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
     records = []
     for row in range(len(TABLES[slot.table])):
@@ -54,7 +57,7 @@ def _measure_slot(fwd, module: Module, slot: Slot, weights, prepared, states, ta
             trial[lin.name], bits = quantized[key]
             total_bits += bits
             record.setdefault(lin.role, qp.to_dict())
-        outputs = forward_rows(fwd, module, trial, states)
+        outputs = forward_rows(fwd, module, trial, states, output=slot.output)
         accuracy = max(1e-6, 1.0 - relative_error(outputs, targets))
         records.append({"accuracy": accuracy, "total_bits": total_bits,
                         **{role: record[role] for role in slot.roles if role in record}})

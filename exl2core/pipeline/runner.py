@@ -15,22 +15,36 @@ from exl2core.quant.gptq import Hessian, PreparedHessian
 
 def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates,
                  hessians: dict[str, Hessian] | None = None, *, rows: int | None = None,
-                 reduce: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+                 reduce: Callable[[int, torch.Tensor], None] | None = None,
+                 output: str | None = None) -> list[torch.Tensor]:
     """Outputs of ``module`` for the first ``rows`` rows (default all).
 
     With ``hessians``, every linear input is accumulated. With ``reduce``, each output is handed to
-    ``reduce(row, y)`` and not kept (the head's logits are too large to hold for every row).
+    ``reduce(row, y)`` and not kept (the head's logits are too large to hold for every row). With
+    ``output`` (a ``Slot.output``), that reported activation is returned instead of the module's output.
     """
+    slot_outputs = {slot.output for slot in module.slots if slot.output}
+    if output is not None and output not in slot_outputs:
+        raise ValueError(f"{module.key} has no slot output {output!r}")
+    reported: dict[str, torch.Tensor] = {}
 
     def capture(name: str, x: torch.Tensor) -> None:
-        if name not in hessians:
-            hessians[name] = Hessian(x.shape[-1], x.device)
-        hessians[name].add(x)
+        if name in slot_outputs:
+            reported[name] = x
+        elif hessians is not None:
+            if name not in hessians:
+                hessians[name] = Hessian(x.shape[-1], x.device)
+            hessians[name].add(x)
 
+    listen = hessians is not None or output is not None
     outputs = []
     with torch.inference_mode():
         for i in range(len(states) if rows is None else min(rows, len(states))):
-            y = fwd(module, weights, states.row(i), capture if hessians is not None else None)
+            y = fwd(module, weights, states.row(i), capture if listen else None)
+            if output is not None:
+                if output not in reported:
+                    raise Exl2Error(f"{module.key}: the forward did not report its slot output {output!r}")
+                y = reported.pop(output)
             if not torch.isfinite(y.sum(dtype=torch.float32)):  # one reduction, no boolean temporary
                 raise Exl2Error(f"{module.key}: non-finite activations in calibration row {i} "
                                 "(the source model overflows in this precision)")
