@@ -9,6 +9,7 @@ from pathlib import Path
 
 from exl2core import __version__
 from exl2core.errors import Exl2Error
+from exl2core.quant.qparams import SCALE_SEARCHES
 
 
 def _add_convert(sub) -> None:
@@ -35,6 +36,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--arch", help="architecture or plugin name, overriding config.json")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
+    p.add_argument("--scale-search", choices=SCALE_SEARCHES, default="hessian",
+                   help="group scales minimising GPTQ's Hessian-weighted error (default), or exactly "
+                        "exllamav2's choice")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")
@@ -61,7 +65,7 @@ def _convert(args) -> int:
         measurement_length=args.measurement_length, shard_size=args.shard_size,
         compile_full=args.compile_full, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
         output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
-        seed=args.seed)
+        seed=args.seed, scale_search=args.scale_search)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = Runtime(device=device, gpu_rows=args.gpu_rows, checkpoint_interval=args.checkpoint_interval,
                       status_json=args.status_json)

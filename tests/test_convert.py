@@ -125,6 +125,19 @@ def test_resume_with_other_settings_is_refused(convert_model, measured, tmp_path
     assert "other settings" in capsys.readouterr().err
 
 
+def test_job_from_before_the_scale_search_setting_resumes_only_with_exllamav2s(convert_model, measured,
+                                                                             tmp_path, capsys):
+    """Older jobs quantized with exllamav2's scale search; resuming one must not mix in the other."""
+    args = ["convert", "-i", str(convert_model), "-o", str(tmp_path), "-m", str(measured), "-b", "4.0", *CAL]
+    assert main([*args, "--scale-search", "exllamav2"]) == 0
+    job = json.loads((tmp_path / "job.json").read_text())
+    del job["settings"]["scale_search"]
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert main(args) == 1
+    assert "scale_search: 'exllamav2' (job) vs 'hessian' (now)" in capsys.readouterr().err
+    assert main([*args, "--scale-search", "exllamav2"]) == 0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["-hb", "7"], "head bits must be one of"),
     (["-b", "9.5"], "outside what the candidate tables reach"),

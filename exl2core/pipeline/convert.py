@@ -150,7 +150,7 @@ class Converter:
                 continue
             weights = self.source.module_weights(module, self.dtype, self.device)
             record, outputs = measure_module(module_forward(module), module, weights, states,
-                                             on_candidate=self.report.advance)
+                                             on_candidate=self.report.advance, search=self.s.scale_search)
             self.report.advance()
             if module.slots:
                 best = max(r["accuracy"] for recs in _record_lists(record) for r in recs)
@@ -206,7 +206,8 @@ class Converter:
             weights = self.source.module_weights(module, self.dtype, self.device)
             result = quantize_module(module_forward(module), module, weights, states, self.job.state["strategy"],
                                      self.s.head_bits, self.tensor_dir,
-                                     ppl_ids=ids[:ppl_rows] if module.kind == "head" else None)
+                                     ppl_ids=ids[:ppl_rows] if module.kind == "head" else None,
+                                     search=self.s.scale_search)
             self.report.advance()
             if result.error is not None:
                 errors[module.measurement_key] = result.error

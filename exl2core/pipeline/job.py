@@ -46,6 +46,7 @@ class Settings:
     measurement: str | None = None
     arch: str | None = None
     seed: int = 0
+    scale_search: str = "hessian"
 
     def differences(self, other: "Settings") -> list[str]:
         return [f"{f.name}: {getattr(other, f.name)!r} (job) vs {getattr(self, f.name)!r} (now)"
@@ -124,7 +125,8 @@ class Job:
                 saved = json.loads(job_path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise Exl2Error(f"{job_path} is unreadable ({e}); rerun with -nr to start over") from None
-            old = Settings(**saved["settings"])
+            # Jobs from before the scale-search setting quantized with exllamav2's search.
+            old = Settings(**{"scale_search": "exllamav2", **saved["settings"]})
             diff = settings.differences(old)
             if diff:
                 raise Exl2Error(f"{directory} holds a job with other settings ({'; '.join(diff)}); "

@@ -21,22 +21,23 @@ from exl2core.quant.qparams import TABLES, pad32, table_setting
 
 
 def measure_module(fwd: Callable, module: Module, weights: dict[str, torch.Tensor],
-                   states: HiddenStates, on_candidate: Callable[[], None] | None = None
-                   ) -> tuple[object, list[torch.Tensor]]:
-    """Return ``(record, reference outputs)``; the record is None for modules without slots."""
+                   states: HiddenStates, on_candidate: Callable[[], None] | None = None,
+                   search: str = "hessian") -> tuple[object, list[torch.Tensor]]:
+    """Return ``(record, reference outputs)``; the record is None for modules without slots.
+    ``search`` is the scale search the candidates are quantized with (``gptq.SCALE_SEARCHES``)."""
     hessians = {} if module.slots else None
     targets = forward_rows(fwd, module, weights, states, hessians)
     if not module.slots:
         return None, targets
     prepared = prepare_hessians(module, hessians, states.device)
-    records = {slot.table: _measure_slot(fwd, module, slot, weights, prepared, states, targets, on_candidate)
-               for slot in module.slots}
+    records = {slot.table: _measure_slot(fwd, module, slot, weights, prepared, states, targets, on_candidate,
+                                         search) for slot in module.slots}
     if len(module.slots) == 1:
         return records[module.slots[0].table], targets
     return records, targets
 
 
-def _measure_slot(fwd, module: Module, slot: Slot, weights, prepared, states, targets, on_candidate):
+def _measure_slot(fwd, module: Module, slot: Slot, weights, prepared, states, targets, on_candidate, search):
     linears = [lin for lin in module.linears if lin.role in slot.roles]
     if slot.output is not None:
         targets = forward_rows(fwd, module, weights, states, output=slot.output)
@@ -51,7 +52,7 @@ def _measure_slot(fwd, module: Module, slot: Slot, weights, prepared, states, ta
             key = (lin.name, qp.desc)
             if key not in quantized:
                 q = quantize_linear(weights[lin.name], prepared[lin.name], qp,
-                                    bias=weights.get(lin.name + ".bias"))
+                                    bias=weights.get(lin.name + ".bias"), search=search)
                 bits = qp.total_bits(lin.in_features, pad32(lin.out_features), lin.bias)
                 quantized[key] = (q.weight[: lin.out_features].to(weights[lin.name]), bits)
             trial[lin.name], bits = quantized[key]

@@ -49,10 +49,11 @@ def tensor_file(out_dir: Path, lin: Linear) -> Path:
 
 def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates,
                     strategy: dict, head_bits: int, out_dir: Path,
-                    ppl_ids: torch.Tensor | None = None) -> ModuleResult:
+                    ppl_ids: torch.Tensor | None = None, search: str = "hessian") -> ModuleResult:
     """Quantize ``module``'s linears in place of their weights and return its quantized outputs.
 
-    ``ppl_ids`` (the head only) are the token ids of the rows used for the calibration perplexity.
+    ``ppl_ids`` (the head only) are the token ids of the rows used for the calibration perplexity;
+    ``search`` is the scale search (``gptq.SCALE_SEARCHES``).
     """
     if not module.linears:
         return ModuleResult(forward_rows(fwd, module, weights, states))
@@ -68,7 +69,7 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         qp = setting_for(module, lin, strategy, head_bits)
         rtn = lin.key == "lm_head" and lin.in_features * lin.out_features > RTN_NUMEL
         q = quantize_linear(weights[lin.name], prepared[lin.name], qp,
-                            bias=weights.get(lin.name + ".bias"), rtn=rtn)
+                            bias=weights.get(lin.name + ".bias"), rtn=rtn, search=search)
         packed = {f"{lin.key}.{suffix}": t for suffix, t in q.pack().items()}
         save_tensors(tensor_file(out_dir, lin), packed)
         rebuilt = dequantize({k[len(lin.key) + 1:]: v for k, v in packed.items()})

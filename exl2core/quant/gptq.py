@@ -1,5 +1,8 @@
 """Adaptive GPTQ as in exllamav2 0.3.2 (spec §3): Hessian, scale search, quantization loop.
 
+The default scale search differs from exllamav2's: it minimises GPTQ's own Hessian-weighted loss and
+refines each column's scale code (``search_scales_hessian``); ``search="exllamav2"`` reproduces §3.4.
+
 The quantizer works on the transposed, act-order-permuted weight ``W_p`` of shape ``[K, N]`` (a row is
 one input feature). Every fake-quantized value is computed with the same fp16 roundings as the loader's
 reconstruction (§1.9), so ``QuantizedLinear.weight`` equals ``dequantize(pack())`` bit for bit.
@@ -14,7 +17,7 @@ import torch
 from exl2core import kernels
 from exl2core.errors import Exl2Error
 from exl2core.quant.pack import group_scales, make_q_groups, pack_scales
-from exl2core.quant.qparams import QParams, pad32
+from exl2core.quant.qparams import SCALE_SEARCHES, QParams, pad32
 
 PERCDAMP = 0.12
 DAMP_ATTEMPTS = 10
@@ -119,7 +122,8 @@ class GroupScales:
 
 
 def search_scales(x: torch.Tensor, bits: int) -> GroupScales:
-    """Per-column 4-bit scale codes and the group multiplier minimising Σ|error|^3.5 (spec §3.4).
+    """exllamav2's scale search (spec §3.4): column codes from the column maxima and the group multiplier
+    minimising Σ|error|^3.5.
 
     The error is evaluated on every 8th point of the 97-point grid and then on the 7 neighbours either
     side of the best of those: 27 instead of 97 evaluations, the dominant cost of quantizing on a CPU.
@@ -127,24 +131,81 @@ def search_scales(x: torch.Tensor, bits: int) -> GroupScales:
     (checked on every group of a SmolLM2 layer at each bit width), and ties resolve to the lower index
     as in the exhaustive search.
     """
-    maxq = (1 << bits) - 1
-    zero = 1 << (bits - 1)
+    maxq, zero = (1 << bits) - 1, 1 << (bits - 1)
+    base_max, qscale, column_scale = _column_codes(x, maxq)
+    best = _grid_argmin(lambda m: kernels.grid_errors(x, m, column_scale, zero, maxq), x.device)
+    return _at_grid_point(qscale, base_max, best)
+
+
+def search_scales_hessian(x: torch.Tensor, bits: int, row_weights: torch.Tensor | None = None) -> GroupScales:
+    """Scales minimising GPTQ's own loss, the row-weighted squared error Σ_i w_i Σ_n (q − x)², within
+    the EXL2 format (exl2core's default; ``row_weights`` None weighs rows equally).
+
+    GPTQ charges row ``i``'s rounding error ``w_i = 1 / U_ii²`` (``U`` the upper Cholesky factor of
+    ``H⁻¹``), so the important input features steer the scales. The group multiplier is searched on
+    exllamav2's grid (coarse to fine, as in :func:`search_scales`) with the column codes from the column
+    maxima; then each column's 4-bit code moves by up to ±2 steps where that lowers the column's own
+    error: a column's maximum is often an outlier better clipped than represented.
+    """
+    maxq, zero = (1 << bits) - 1, 1 << (bits - 1)
+    weights = torch.ones(x.shape[0], device=x.device) if row_weights is None else row_weights.to(x.device)
+    base_max, qscale, column_scale = _column_codes(x, maxq)
+    best = _grid_argmin(lambda m: _weighted_sq_errors(x, m, column_scale, zero, maxq, weights), x.device)
+    found = _at_grid_point(qscale, base_max, best)
+    candidates = (found.qscale.unsqueeze(0) + _CODE_STEPS.to(x.device).unsqueeze(1)).clamp_(1, SCALE_STEPS)
+    multiplier = found.qscale_max * torch.tensor(1 / 256, dtype=torch.float16, device=x.device)
+    scales = group_scales(candidates, multiplier.expand(len(candidates))).to(torch.float32)  # [C, N]
+    trial = scales.unsqueeze(1)
+    err = torch.div(x, _divisor(trial)).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x)
+    pick = torch.einsum("crn,r->cn", err.square_(), weights).argmin(0, keepdim=True)
+    return _group_result(candidates.gather(0, pick)[0], found.qscale_max, scales.gather(0, pick)[0])
+
+
+#: Column code moves tried by :func:`search_scales_hessian`, no move first so that ties keep the code.
+_CODE_STEPS = torch.tensor([0, -1, 1, -2, 2], dtype=torch.int16)
+
+
+def _column_codes(x: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(base_max, qscale, column_scale)``: the 4-bit column codes from the column maxima (§3.4)."""
     base = (x.abs().amax(0) + 1e-12) / (maxq / 2)
     base_max = base.max()
     qscale = torch.clamp(torch.round(torch.sqrt(base / base_max) * SCALE_STEPS), 1, SCALE_STEPS)
-    column_scale = (qscale / SCALE_STEPS) ** 2 * base_max
-    grid = torch.tensor(_GRID, dtype=torch.float32, device=x.device)
+    return base_max, qscale, (qscale / SCALE_STEPS) ** 2 * base_max
+
+
+def _grid_argmin(errors_of, device: torch.device) -> int:
+    """Index of the grid multiplier with the least error: every 8th point, then the best one's neighbours."""
+    grid = torch.tensor(_GRID, dtype=torch.float32, device=device)
 
     def best_of(indices: list[int]) -> int:
-        errors = kernels.grid_errors(x, grid[indices], column_scale, zero, maxq)
-        return indices[int(torch.argmin(errors))]
+        return indices[int(torch.argmin(errors_of(grid[indices])))]
 
     coarse = best_of(list(range(0, len(_GRID), COARSE_STEP)))
-    best = best_of(list(range(max(0, coarse - COARSE_STEP + 1), min(len(_GRID), coarse + COARSE_STEP))))
-    qscale_max = (base_max * grid[best]).to(torch.float16)
-    multiplier = qscale_max * torch.tensor(1 / 256, dtype=torch.float16, device=x.device)
+    return best_of(list(range(max(0, coarse - COARSE_STEP + 1), min(len(_GRID), coarse + COARSE_STEP))))
+
+
+def _at_grid_point(qscale: torch.Tensor, base_max: torch.Tensor, best: int) -> GroupScales:
+    """The stored codes and fp16 multiplier for grid point ``best``, and the scales they reconstruct."""
+    qscale_max = (base_max * torch.tensor(_GRID[best], device=base_max.device)).to(torch.float16)
+    multiplier = qscale_max * torch.tensor(1 / 256, dtype=torch.float16, device=qscale.device)
     scale = group_scales(qscale.unsqueeze(0), multiplier.reshape(1))[0].to(torch.float32)
+    return _group_result(qscale, qscale_max, scale)
+
+
+def _group_result(qscale: torch.Tensor, qscale_max: torch.Tensor, scale: torch.Tensor) -> GroupScales:
     return GroupScales(qscale.to(torch.int16), qscale_max, scale, _divisor(scale))
+
+
+def _weighted_sq_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.Tensor, zero: int,
+                        maxq: int, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i Σ_n (q(x) − x)² for each candidate multiplier, chunked like :func:`grid_errors`."""
+    errors = torch.empty(len(multipliers), dtype=torch.float32, device=x.device)
+    step = max(1, SEARCH_CHUNK_ELEMS.get(x.device.type, 1 << 22) // x.numel())
+    for i in range(0, len(multipliers), step):
+        trial = (multipliers[i:i + step, None] * column_scale).unsqueeze(1)  # [c, 1, N]
+        err = torch.div(x, trial).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x)
+        errors[i:i + step] = err.square_().sum(2) @ weights
+    return errors
 
 
 def grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.Tensor, zero: int,
@@ -206,12 +267,14 @@ def quantize_linear(
     *,
     bias: torch.Tensor | None = None,
     rtn: bool = False,
+    search: str = "hessian",
 ) -> QuantizedLinear:
     """Quantize an ``[out_features, in_features]`` weight with GPTQ error feedback (or RTN, §3.7).
 
     Output features are zero-padded to a multiple of 32 first (§1.8). The lazy-update block is the
     group: within a group rows are quantized one at a time and the error is propagated to the group's
     remaining rows; after the group, all later rows are updated with one matrix product (§3.5).
+    ``search`` picks the group scales (``SCALE_SEARCHES``); both give valid EXL2 tensors.
     """
     out_features, k = weight.shape
     perm = prepared.perm
@@ -220,6 +283,8 @@ def quantize_linear(
         raise Exl2Error(f"weight has {k} input features but the Hessian has {perm.numel()}")
     if not rtn and prepared.inv_upper is None:
         raise Exl2Error("GPTQ needs a Hessian prepared with invert=True")
+    if search not in SCALE_SEARCHES:
+        raise Exl2Error(f"unknown scale search {search!r}; expected one of {', '.join(SCALE_SEARCHES)}")
     n = pad32(out_features)
     w = torch.zeros(n, k, dtype=torch.float32, device=device)
     w[:out_features] = weight.to(device=device, dtype=torch.float32)
@@ -232,10 +297,14 @@ def quantize_linear(
     fake = torch.empty(k, n, dtype=torch.float32, device=device)
     qscale = torch.empty(len(groups), n, dtype=torch.int16, device=device)
     qscale_max = torch.empty(len(groups), dtype=torch.float16, device=device)
+    row_weights = None if rtn else torch.diagonal(prepared.inv_upper).square().reciprocal()
     start = 0
     for index, (bits, rows) in enumerate(groups):
         end = start + rows
-        found = search_scales(w[start:end], bits)
+        if search == "exllamav2":
+            found = search_scales(w[start:end], bits)
+        else:
+            found = search_scales_hessian(w[start:end], bits, None if rtn else row_weights[start:end])
         qscale[index], qscale_max[index] = found.qscale, found.qscale_max
         if rtn:
             _round_rows(w[start:end], found, bits, codes[start:end], fake[start:end])

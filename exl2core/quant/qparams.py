@@ -13,6 +13,10 @@ from typing import Any
 
 from exl2core.errors import Exl2Error
 
+#: How group scales are chosen: ``hessian`` (exl2core's default, ``gptq.search_scales_hessian``) or
+#: ``exllamav2`` (its converter's choice exactly, ``gptq.search_scales``).
+SCALE_SEARCHES = ("hessian", "exllamav2")
+
 #: Bit widths the 0.3.2 kernels can dequantize (§1.10).
 SUPPORTED_BITS = (8, 6, 5, 4, 3, 2)
 
