@@ -41,27 +41,35 @@ def _measure_slot(fwd, module: Module, slot: Slot, weights, prepared, states, ta
     linears = [lin for lin in module.linears if lin.role in slot.roles]
     if slot.output is not None:
         targets = forward_rows(fwd, module, weights, states, output=slot.output)
+    rows = [{lin.name: table_setting(slot.table, row, lin.role) for lin in linears}
+            for row in range(len(TABLES[slot.table]))]
+    last_use = {(name, qp.desc): row for row, chosen in enumerate(rows) for name, qp in chosen.items()}
+    # Each distinct setting is quantized once and kept (fp16, as quantized) only until the last row that
+    # uses it: holding every setting of a wide MLP at once would take many times the layer's own size.
     quantized: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
     records = []
-    for row in range(len(TABLES[slot.table])):
+    for row, chosen in enumerate(rows):
         trial = dict(weights)
         total_bits = 0
         record: dict = {}
         for lin in linears:
-            qp = table_setting(slot.table, row, lin.role)
+            qp = chosen[lin.name]
             key = (lin.name, qp.desc)
             if key not in quantized:
                 q = quantize_linear(weights[lin.name], prepared[lin.name], qp,
                                     bias=weights.get(lin.name + ".bias"), search=search)
                 bits = qp.total_bits(lin.in_features, pad32(lin.out_features), lin.bias)
-                quantized[key] = (q.weight[: lin.out_features].to(weights[lin.name]), bits)
-            trial[lin.name], bits = quantized[key]
+                quantized[key] = (q.weight[: lin.out_features], bits)
+            fake, bits = quantized[key]
+            trial[lin.name] = fake.to(weights[lin.name])
             total_bits += bits
             record.setdefault(lin.role, qp.to_dict())
         outputs = forward_rows(fwd, module, trial, states, output=slot.output)
         accuracy = max(1e-6, 1.0 - relative_error(outputs, targets))
         records.append({"accuracy": accuracy, "total_bits": total_bits,
                         **{role: record[role] for role in slot.roles if role in record}})
+        for key in [k for k, last in last_use.items() if last == row]:
+            del quantized[key]
         if on_candidate:
             on_candidate()
     return records
