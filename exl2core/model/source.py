@@ -108,7 +108,11 @@ class SourceModel:
             if lin.bias:
                 wanted[lin.name + ".bias"] = lin.source + ".bias"
         wanted.update(module.tensors)
-        return {name: self.tensor(key, dtype, device) for name, key in wanted.items() if name not in skip}
+        weights = {name: self.tensor(key, dtype, device) for name, key in wanted.items() if name not in skip}
+        # Closing the shards unmaps them: pages read through an open map stay in this process's resident
+        # memory, so a long conversion would otherwise hold every layer's file pages it ever read.
+        self._handles.clear()
+        return weights
 
     @property
     def tokenizer(self):

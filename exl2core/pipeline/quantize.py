@@ -73,7 +73,8 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         packed = {f"{lin.key}.{suffix}": t for suffix, t in q.pack().items()}
         save_tensors(tensor_file(out_dir, lin), packed)
         rebuilt = dequantize({k[len(lin.key) + 1:]: v for k, v in packed.items()})
-        diff = (rebuilt.to(q.weight.device).float() - q.weight.float()).abs().max().item()
+        # In fp16, the dtype of both: float copies of a large head would cost GBs here.
+        diff = torch.sub(rebuilt.to(q.weight.device), q.weight).abs_().max().item()
         if diff > 0.05 or not math.isfinite(diff):
             raise Exl2Error(f"{lin.key}: packed tensors do not reproduce the quantized weight "
                             f"(max diff {diff:.4g}); this is a bug, please report it")
