@@ -212,6 +212,38 @@ class GpuMemoryPoller:
         return self._peak - self._baseline
 
 
+class HostMemoryPoller:
+    """Peak resident memory (MiB) of one process: its kernel high-water mark (``VmHWM``), read until it
+    exits. Linux only; None elsewhere or if the process ended before the first reading."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.path = Path(f"/proc/{pid}/status")
+        self.interval = interval
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            text = self.path.read_text()
+        except OSError:  # the process is gone (or this is not Linux): keep the last reading
+            return
+        match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M)
+        if match:
+            self.peak = int(match.group(1)) / 1024
+
+    def _poll(self) -> None:
+        self._read()
+        while not self._stop.wait(self.interval):
+            self._read()
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def status_stage(line: str) -> str | None:
     """The stage named by a status line: exllamav2's ``[STATUS]{…}[/STATUS]`` or exl2core's JSON line."""
     match = STATUS_RE.search(line)
@@ -272,6 +304,7 @@ def run_step(step: Step, log_dir: Path, timeout: float | None) -> dict:
                 subprocess.Popen(step.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  env=env, errors="replace") as proc:
             log.write("$ " + shlex.join(step.argv) + "\n")
+            host = HostMemoryPoller(proc.pid)
             timer = threading.Timer(timeout, kill, (proc,)) if timeout else None
             if timer:
                 timer.start()
@@ -283,6 +316,7 @@ def run_step(step: Step, log_dir: Path, timeout: float | None) -> dict:
                 if stage and (not marks or marks[-1][1] != stage):
                     marks.append((now, stage))
             rc = proc.wait()
+            peak_rss = host.stop()
             if timer:
                 timer.cancel()
     except OSError as e:
@@ -290,7 +324,7 @@ def run_step(step: Step, log_dir: Path, timeout: float | None) -> dict:
         return {"ok": False, "error": f"could not start: {e}"}
     wall = time.monotonic() - start
     record = {"ok": rc == 0, "rc": rc, "wall_s": round(wall, 2), "stages": stage_times(marks, wall),
-              "peak_gpu_mib": poller.stop(), "log": str(log_path)}
+              "peak_gpu_mib": poller.stop(), "peak_rss_mib": peak_rss, "log": str(log_path)}
     if killed.is_set():
         record.update(ok=False, error=f"killed after {timeout:.0f} s (--step-timeout)")
     elif rc != 0:
@@ -487,23 +521,23 @@ def render(args: argparse.Namespace, model: Path, cal: str, results: dict, steps
         f"{_versions()}; EXLLAMA_NO_SDPA=1 for every run. Measurement {args.measurement_rows} × "
         f"{args.measurement_length} tokens, quantization {args.rows} × {args.length}, head "
         f"{args.head_bits} bits; calibration: {cal_text}. Peak GPU memory is the device memory in use "
-        "(driver) above what was in use before the pass. Quality: exl2core's evaluator on "
+        "(driver) above what was in use before the pass; peak RSS the converter process's host memory "
+        "high-water mark (VmHWM). Quality: exl2core's evaluator on "
         f"{windows} of its held-out text (python-tutorial.txt), KL(FP16 ‖ model) in nats per token; the "
         "last column is the perplexity of the same windows through exllamav2's own forward.",
         "",
-        "| pass | bpw | tool | wall (s) | stages (s) | peak GPU (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| pass | bpw | tool | wall (s) | stages (s) | peak GPU (MiB) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for step in steps:
         if step.kind not in PASS_LABELS:
             continue
         record = results.get(step.name)
         stages = ", ".join(f"{k} {v:.1f}" for k, v in (record or {}).get("stages", {}).items()) or "—"
-        peak = (record or {}).get("peak_gpu_mib")
         lines.append(f"| {PASS_LABELS[step.kind]} | {step.bits or '—'} | {step.tool} | "
                      f"{_cell(record, lambda r: _seconds(r['wall_s']))} | "
                      f"{stages if record and record.get('ok') else '—'} | "
-                     f"{'—' if peak is None else f'{peak:,.0f}'} |")
+                     f"{_mib((record or {}).get('peak_gpu_mib'))} | {_mib((record or {}).get('peak_rss_mib'))} |")
     lines += ["", "| model | stored bpw (decoder) | size (MiB) | perplexity | KL vs FP16 | top-1 vs FP16 | "
                   "perplexity (exllamav2 forward) |", "|---|---|---|---|---|---|---|"]
     ref_ppl = next((r["result"]["ref_perplexity"] for r in results.values()
@@ -523,6 +557,10 @@ def render(args: argparse.Namespace, model: Path, cal: str, results: dict, steps
                 f"{_cell(ev, _ppl)} | {_cell(ev, _kl)} | {_cell(ev, _top1)} | "
                 f"{_cell(results.get(f'{tool}/ev2ppl-{bits}'), _ppl)} |")
     return "\n".join(lines) + "\n"
+
+
+def _mib(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f}"
 
 
 def _ppl(record: dict) -> str:
