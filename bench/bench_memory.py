@@ -51,7 +51,7 @@ def layer_tensors(shape: dict, layer: int, gen: torch.Generator) -> dict[str, to
     return tensors
 
 
-def write_model(path: Path, shape: dict, depth: int, tokenizer_dir: Path) -> Path:
+def write_model(path: Path, shape: dict, depth: int, tokenizer_dir: Path, vocab: int) -> Path:
     """A ``depth``-layer synthetic Llama at ``path`` (one shard per layer plus one for embedding, norm and
     head), skipped if already complete."""
     index_path = path / "model.safetensors.index.json"
@@ -59,7 +59,6 @@ def write_model(path: Path, shape: dict, depth: int, tokenizer_dir: Path) -> Pat
         return path
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape,
               "num_hidden_layers": depth, "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
               "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float16",
@@ -84,7 +83,7 @@ def write_model(path: Path, shape: dict, depth: int, tokenizer_dir: Path) -> Pat
     return path
 
 
-def sizes_mib(shape: dict, vocab: int, args: argparse.Namespace) -> tuple[float, float]:
+def sizes_mib(shape: dict, args: argparse.Namespace) -> tuple[float, float]:
     """One decoder layer's FP16 weights and the quantization pass's calibration state (fp32 hidden states
     on the CPU, fp16 on a GPU, an input and an output copy), in MiB."""
     hidden, inner = shape["hidden_size"], shape["intermediate_size"]
@@ -119,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = compare.prepare_model(argparse.Namespace(model=args.tokenizer_from, work=str(work)))
     shape = SHAPES[args.shape]
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    layer_mib, state_mib = sizes_mib(shape, vocab, args)
+    layer_mib, state_mib = sizes_mib(shape, args)
     rows = ["| depth | pass | tool | wall (s) | peak RSS (MiB) | peak GPU (MiB) |", "|---|---|---|---|---|---|"]
     status = 0
     for depth in args.depths:
-        model = write_model(work / f"{args.shape}-{depth}L", shape, depth, tokenizer_dir)
+        model = write_model(work / f"{args.shape}-{depth}L", shape, depth, tokenizer_dir, vocab)
         run_dir = work / f"run-{args.shape}-{depth}L"
         status |= compare.main([
             "--model", str(model), "--bits", str(args.bits), "--no-full", "--no-eval", "--tools", *tools,
