@@ -475,13 +475,21 @@ def plan_strategy(
     bits: float,
     *,
     objective: str = "sq",
+    predicted_kl: dict[str, Any] | None = None,
 ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
     """Choose a measured record per slot for ``bits`` bpw over ``numel`` weights (budget as §5.1).
 
-    Returns the chosen record (verbatim) per slot index and a summary of what the choice reaches.
+    With ``predicted_kl`` (a fast measurement's per-record KL, shaped like ``measurement``) the sum of
+    the chosen records' predicted KL is minimised instead of ``objective`` over their errors: errors of
+    different layers add up in the model's KL, not in Σ err². Returns the chosen record (verbatim) per
+    slot index and a summary of what the choice reaches.
     """
     records = measured_slots(measurement, slot_keys)
     slots = [options_of(r) for r in records]
+    if predicted_kl is not None:
+        kls = measured_slots(predicted_kl, slot_keys)
+        slots = [[Option(o.cost, float(kl)) for o, kl in zip(slot, kl_list)] for slot, kl_list in zip(slots, kls)]
+        objective = "lin"
     budget = int(numel * bits)
     solution = solve_detailed(slots, budget, objective=objective, numel=numel)
     chosen = [slot[k] for slot, k in zip(slots, solution.choice)]
@@ -501,4 +509,6 @@ def plan_strategy(
         "lower_bound": solution.lower_bound,
         "exact": solution.exact,
     }
+    if predicted_kl is not None:
+        summary["predicted_kl"] = solution.objective
     return choices, summary

@@ -1,0 +1,176 @@
+"""Output sensitivity: how strongly an error in each linear's output moves the model's final distribution.
+
+To second order, the KL divergence of a perturbed model's next-token distribution from the original's
+is ``½ E[Δzᵀ F Δz]``, with ``F`` the Fisher information of the logits ``z``. Carried back to a linear's
+output and approximated per output channel and per token (K-FAC with a diagonal output factor), the KL
+per token that a weight error ``ΔW`` adds is
+
+    KL ≈ ½ Σ_o g_o · (ΔW H ΔWᵀ)_oo / N
+
+where ``H = Σ x xᵀ`` is the linear's input Hessian over the ``N`` measurement tokens and ``g_o`` the mean
+over the tokens reaching the linear of the squared gradient of ``log p(y)`` with respect to output
+channel ``o``, ``y`` sampled from the model itself (the Fisher's Monte-Carlo estimate). For an MoE expert
+the routing probability cancels: ``H`` sums only routed tokens while ``N`` counts all of them.
+
+``g`` costs one forward and one backward pass over a few calibration rows, streamed module by module
+like the rest of the pipeline (each module's input is kept for its backward: rows × length × hidden
+values per module). Errors of different layers then add up, so the allocator can minimise the predicted
+KL of the whole model rather than a sum of per-block errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from exl2core.modules.forward import module_forward
+from exl2core.modules.linear import observe_linear_outputs
+from exl2core.plan import ModelPlan, Module
+from exl2core.pipeline.job import load_tensors, save_tensors
+
+#: Calibration tokens the sensitivity pass reads at most (whole rows; at least one row).
+SENSITIVITY_TOKENS = 8192
+#: Tokens per chunk of the final norm and head, whose logits are vocabulary-wide.
+HEAD_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Mean squared output gradient per output channel of every measured linear (float64)."""
+
+    grads: dict[str, torch.Tensor]
+
+    @staticmethod
+    def key(module: Module, name: str) -> str:
+        return f"{module.measurement_key}/{name}"
+
+    def of(self, module: Module, name: str) -> torch.Tensor:
+        return self.grads[self.key(module, name)]
+
+    def save(self, path: str | Path) -> None:
+        save_tensors(path, self.grads)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Sensitivity":
+        return cls(load_tensors(path))
+
+
+def sensitivity_rows(ids: torch.Tensor) -> torch.Tensor:
+    """The calibration rows the pass reads: real text rows only (noise rows start with a negative id),
+    as many as fit in ``SENSITIVITY_TOKENS``."""
+    real = ids[ids[:, 0] >= 0]
+    return real[: max(1, SENSITIVITY_TOKENS // ids.shape[1])]
+
+
+def sensitivity_steps(plan: ModelPlan) -> int:
+    """How many times :func:`measure_sensitivity` calls ``on_module``."""
+    last = max(i for i, m in enumerate(plan.modules) if m.slots)
+    return len(plan.modules) + last
+
+
+def measure_sensitivity(plan: ModelPlan, weights_of: Callable[[Module], dict[str, torch.Tensor]],
+                        ids: torch.Tensor, device: torch.device, seed: int,
+                        on_module: Callable[[], None] | None = None) -> Sensitivity:
+    """Run ``ids`` (``[rows, T]``) forward through ``plan``, sample labels from the model's own output,
+    and propagate the gradient of their log-likelihood back, block by block, recording each measured
+    linear's squared output gradient. ``weights_of(module)`` loads a module's weights (read twice);
+    ``on_module`` is called once per module per direction (2 × modules calls)."""
+    modules = plan.modules
+    blocks = [i for i, m in enumerate(modules) if m.slots]
+    last = max(blocks)
+    states = _forward(modules, weights_of, ids, device, last, on_module)
+    grads = _head_gradients(modules[last + 1:], weights_of, states[last + 1], device, seed)
+    if on_module:
+        for _ in modules[last + 1:]:
+            on_module()
+    result: dict[str, torch.Tensor] = {}
+    for i in range(last, 0, -1):
+        module = modules[i]
+        weights = weights_of(module)
+        grads = _backward(module, weights, states[i], grads, device, result)
+        states[i] = []
+        del weights
+        if on_module:
+            on_module()
+    return Sensitivity(result)
+
+
+def _forward(modules: list[Module], weights_of, ids: torch.Tensor, device, last: int, on_module
+             ) -> list[list[torch.Tensor]]:
+    """``states[i]`` = the rows' inputs of module ``i`` (host memory), for modules 1 … last + 1."""
+    states: list[list[torch.Tensor]] = [[] for _ in range(last + 2)]
+    rows = [row.unsqueeze(0).to(device) for row in ids]
+    with torch.no_grad():  # not inference mode: the stored inputs are replayed under autograd
+        for i in range(last + 1):
+            module = modules[i]
+            weights = weights_of(module)
+            fwd = module_forward(module)
+            rows = [fwd(module, weights, row, None) for row in rows]
+            states[i + 1] = [row.cpu() for row in rows]
+            del weights
+            if on_module:
+                on_module()
+    return states
+
+
+def _head_gradients(tail: list[Module], weights_of, inputs: list[torch.Tensor], device, seed: int
+                    ) -> list[torch.Tensor]:
+    """Gradient of ``Σ log p(y)`` (``y`` sampled from the model) w.r.t. the tail's input, per row.
+
+    The tail (final norm, head) is token-wise, so it runs in chunks of ``HEAD_CHUNK`` tokens."""
+    weights = [weights_of(m) for m in tail]
+    forwards = [module_forward(m) for m in tail]
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for row in inputs:
+        grad = torch.zeros(row.shape, dtype=torch.float32)
+        for t0 in range(0, row.shape[1], HEAD_CHUNK):
+            x = row[:, t0:t0 + HEAD_CHUNK].to(device).clone().requires_grad_(True)
+            with torch.enable_grad():
+                z = x
+                for module, w, fwd in zip(tail, weights, forwards):
+                    z = fwd(module, w, z, None)
+                p = torch.softmax(z.detach().float(), dim=-1)
+                labels = torch.multinomial(p.reshape(-1, p.shape[-1]).cpu(), 1, generator=gen).to(p.device)
+                # d log p(y) / dz = onehot(y) − p
+                dz = -p.reshape(-1, p.shape[-1])
+                dz.scatter_add_(1, labels, torch.ones_like(labels, dtype=dz.dtype))
+                z.backward(dz.reshape(z.shape).to(z.dtype))
+            grad[:, t0:t0 + HEAD_CHUNK] = x.grad.float().cpu()
+        grads.append(grad)
+    return grads
+
+
+def _backward(module: Module, weights: dict[str, torch.Tensor], inputs: list[torch.Tensor],
+              grads: list[torch.Tensor], device, result: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Backpropagate ``grads`` (w.r.t. the module's outputs) through ``module``, adding each linear's
+    squared output gradient to ``result``; returns the gradients w.r.t. the module's inputs."""
+    fwd = module_forward(module)
+    measured = {lin.name: lin for lin in module.linears if any(lin.role in s.roles for s in module.slots)}
+    sums = {name: torch.zeros(lin.out_features, dtype=torch.float64, device=device)
+            for name, lin in measured.items()}
+    tokens = dict.fromkeys(measured, 0)
+
+    def observe(name: str, y: torch.Tensor) -> None:
+        if name not in measured or not y.requires_grad:
+            return
+        tokens[name] += y.numel() // y.shape[-1]
+
+        def accumulate(g: torch.Tensor) -> None:
+            sums[name].add_(g.reshape(-1, g.shape[-1]).double().pow(2).sum(0))
+
+        y.register_hook(accumulate)
+
+    out = []
+    for x_row, g_row in zip(inputs, grads):
+        x = x_row.to(device).detach().requires_grad_(True)
+        with torch.enable_grad(), observe_linear_outputs(observe):
+            y = fwd(module, weights, x, None)
+            y.backward(g_row.to(device=device, dtype=y.dtype))
+        out.append(x.grad.float().cpu())
+    for name, total in sums.items():
+        result[Sensitivity.key(module, name)] = (total / max(tokens[name], 1)).cpu()
+    return out
