@@ -137,8 +137,9 @@ def stop_token_ids(model_dir: str | Path, tokenizer: tokenizers.Tokenizer | None
     return ids
 
 
-def chat_template(model_dir: str | Path) -> str:
-    """The model's default chat template: chat_template.jinja, else tokenizer_config.json's entry."""
+def find_chat_template(model_dir: str | Path) -> str | None:
+    """The model's default chat template: chat_template.jinja, else tokenizer_config.json's entry; None
+    when it has neither."""
     path = Path(model_dir)
     if (path / CHAT_TEMPLATE_FILE).is_file():
         return (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
@@ -146,14 +147,30 @@ def chat_template(model_dir: str | Path) -> str:
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
-    if not isinstance(template, str) or not template:
-        raise Exl2Error(f"{path}: no chat template (neither {CHAT_TEMPLATE_FILE} nor a 'chat_template' in "
-                        "tokenizer_config.json); drop --chat")
+    return template if isinstance(template, str) and template else None
+
+
+def chat_template(model_dir: str | Path) -> str:
+    """The model's default chat template (see ``find_chat_template``); an error when it has none."""
+    template = find_chat_template(model_dir)
+    if template is None:
+        raise Exl2Error(f"{Path(model_dir)}: no chat template (neither {CHAT_TEMPLATE_FILE} nor a "
+                        "'chat_template' in tokenizer_config.json); drop --chat")
     return template
 
 
 def render_chat(model_dir: str | Path, prompt: str) -> str:
     """``prompt`` as one user message, rendered with the model's chat template and the generation prompt."""
+    return render_messages(model_dir, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
+def render_messages(model_dir: str | Path, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
+                    now: datetime | None = None) -> str:
+    """``messages`` rendered with the model's chat template as transformers' ``apply_chat_template`` does.
+
+    ``now`` fixes the date templates may print (``strftime_now``), so that a rendering can be repeated
+    exactly; None is the current time.
+    """
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -169,10 +186,10 @@ def render_chat(model_dir: str | Path, prompt: str) -> str:
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+                       strftime_now=lambda fmt: (now or datetime.now()).strftime(fmt))
     try:
         template = env.from_string(chat_template(model_dir))
-        return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=_token_text(tokenizer_config.get("bos_token")) or "",
                                eos_token=_token_text(tokenizer_config.get("eos_token")) or "")
     except jinja2.TemplateError as e:
