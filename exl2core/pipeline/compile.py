@@ -119,11 +119,25 @@ def with_classic_keys(section: dict) -> dict:
     return section
 
 
+def with_classic_vision_keys(section: dict) -> dict:
+    """Add the ``vision_config`` keys exllamav2 0.3.2 requires and transformers 5 no longer writes:
+    ``rope_theta`` (Pixtral, now inside ``rope_parameters``) and ``spatial_patch_size`` (Qwen2-VL, equal to
+    ``patch_size``); keys already present are kept."""
+    params = section.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        section.setdefault("rope_theta", params["rope_theta"])
+    if str(section.get("model_type", "")).startswith("qwen2") and "patch_size" in section:
+        section.setdefault("spatial_patch_size", section["patch_size"])
+    return section
+
+
 def write_quantization_config(config_path: Path, bits: float, head_bits: int, rows: int, length: int,
                               dataset: str) -> None:
     config = with_classic_keys(json.loads(config_path.read_text()))
     if isinstance(config.get("text_config"), dict):
         with_classic_keys(config["text_config"])
+    if isinstance(config.get("vision_config"), dict):
+        with_classic_vision_keys(config["vision_config"])
     config["quantization_config"] = {
         "quant_method": "exl2",
         "version": "0.3.2",
