@@ -502,3 +502,9 @@ def test_packaged_model_rejects_chunks_out_of_order(gemma3, tmp_path: Path,
     with pytest.raises(Exl2Error, match="tiny: the assembled GGUF has an unexpected checksum"):
         gguf_import.packaged_model_dir(swapped, tmp_path)
     assert not (tmp_path / "tiny-fp16").exists() and not list(tmp_path.glob(".*.gguf"))
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Exl2Error, match="cannot use the model cache .*EXL2_CACHE"):
+        gguf_import.packaged_model_dir(gguf_import.GEMMA3_270M, tmp_path / "file" / "cache")

@@ -473,8 +473,13 @@ def packaged_model_dir(model: PackagedModel, cache_dir: str | Path | None = None
     target = root / f"{model.name}-fp16"
     if (target / "model.safetensors").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{model.name}.lock", "w") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f".{model.name}.lock", "w")
+    except OSError as e:
+        raise Exl2Error(f"cannot use the model cache {root} ({e}); set EXL2_CACHE to a writable folder") \
+            from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "model.safetensors").is_file():  # another process finished it while we waited
             return target
