@@ -9,6 +9,7 @@ from pathlib import Path
 
 from exl2core import __version__
 from exl2core.errors import Exl2Error
+from exl2core.pipeline.calibration_mix import DEFAULT_MIX, LEGACY_MIX, MIXES
 from exl2core.quant.qparams import SCALE_SEARCHES
 
 
@@ -23,6 +24,9 @@ def _add_convert(sub) -> None:
     p.add_argument("-om", "--output_measurement", help="measure only, save measurement.json here and stop")
     p.add_argument("-m", "--measurement", help="reuse this measurement.json (skips measurement)")
     p.add_argument("-c", "--cal_dataset", help="calibration dataset (.parquet with a 'text' column)")
+    p.add_argument("--cal-mix", choices=list(MIXES), default=DEFAULT_MIX,
+                   help=f"version of the built-in calibration mix (default {DEFAULT_MIX}; jobs started before "
+                        f"the option used {LEGACY_MIX})")
     p.add_argument("-b", "--bits", type=float, default=4.125, help="target bits per weight (default 4.125)")
     p.add_argument("-hb", "--head_bits", type=int, default=6, help="head bits: 2, 3, 4, 5, 6 or 8 (default 6)")
     p.add_argument("-r", "--dataset_rows", type=int, default=100, help="quantization rows (default 100)")
@@ -65,7 +69,7 @@ def _convert(args) -> int:
         measurement_length=args.measurement_length, shard_size=args.shard_size,
         compile_full=args.compile_full, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
         output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
-        seed=args.seed, scale_search=args.scale_search)
+        seed=args.seed, scale_search=args.scale_search, cal_mix=args.cal_mix)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = Runtime(device=device, gpu_rows=args.gpu_rows, checkpoint_interval=args.checkpoint_interval,
                       status_json=args.status_json)
@@ -140,7 +144,7 @@ def _plugins(args) -> int:
 def _eval(args) -> int:
     from rich.console import Console
 
-    from exl2core.eval.data import DEFAULT_DATA_NAME, load_text, token_windows
+    from exl2core.eval.data import DEFAULT_DOMAIN, EvalText, domain_names, domain_text, load_text, token_windows
     from exl2core.eval.perplexity import evaluate, result_table
     from exl2core.model.exl2_weights import inference_device, open_model
     from exl2core.pipeline.progress import Reporter
@@ -148,19 +152,26 @@ def _eval(args) -> int:
     device, dtype = inference_device(args.device, args.dtype)
     model = open_model(args.model, device, args.arch)
     ref = open_model(args.ref, device, args.arch) if args.ref else None
-    windows = token_windows(model.source.tokenizer, load_text(args.data), args.length, args.rows)
-    reporter = Reporter(quiet=args.json)
-    reporter.stage("evaluating", windows.shape[0])
-    try:
-        result = evaluate(model, windows, ref, dtype=dtype, device=device,
-                          data=Path(args.data).name if args.data else DEFAULT_DATA_NAME,
-                          on_window=reporter.advance)
-    finally:
-        reporter.close()
-    if args.json:
-        print(json.dumps(result.to_dict()))
+    if args.data and args.domain:
+        raise Exl2Error("--data and --domain both name the evaluation text; give one")
+    if args.data:
+        texts = [EvalText(Path(args.data).name, load_text(args.data))]
     else:
-        Console().print(result_table(result))
+        texts = [domain_text(d, args.model) for d in domain_names(args.domain or DEFAULT_DOMAIN)]
+    for text in texts:
+        windows = token_windows(model.source.tokenizer, text.text, args.length, args.rows,
+                                special_tokens=text.special_tokens)
+        reporter = Reporter(quiet=args.json)
+        reporter.stage("evaluating", windows.shape[0])
+        try:
+            result = evaluate(model, windows, ref, dtype=dtype, device=device, data=text.name,
+                              on_window=reporter.advance)
+        finally:
+            reporter.close()
+        if args.json:
+            print(json.dumps(result.to_dict()))
+        else:
+            Console().print(result_table(result))
     return 0
 
 
@@ -221,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="reference model directory (usually the FP16 source)")
     p.add_argument("--data", help="evaluation text: .parquet ('text' column) or a text file "
                                   "(default: built-in held-out text)")
+    p.add_argument("--domain", help="built-in held-out text: technical (default), encyclopedic, code, chat "
+                                    "(rendered with the model's chat template), or all (one result each)")
     p.add_argument("--length", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--rows", type=int, help="at most this many windows (default: all the text gives)")
     p.add_argument("--arch", help="architecture or plugin name, overriding config.json")

@@ -1,11 +1,14 @@
-"""Evaluation text: a user's parquet or text file, or the built-in held-out text, cut into token windows.
+"""Evaluation text: a user's parquet or text file, or a built-in held-out domain, cut into token windows.
 
-The built-in text (``exl2core/data/eval``, see SOURCES.md there) shares no document with the calibration
-mix, so a quantized model is not scored on the text it was calibrated with.
+The built-in texts (``exl2core/data/eval``, see SOURCES.md there) share no document with the calibration
+mix, so a quantized model is not scored on the text it was calibrated with. There is one per domain, so
+quality claims cover more than one kind of text: technical documentation (the default), encyclopedic
+prose, code, and chat conversations rendered with the model's own chat template.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -15,10 +18,55 @@ import tokenizers
 import torch
 
 from exl2core.errors import Exl2Error
+from exl2core.eval.chat_text import parse_conversations, render_conversations
 
 DEFAULT_TEXT = "python-tutorial.txt"
 DEFAULT_DATA_NAME = f"(built-in {DEFAULT_TEXT})"
 PARQUET_SEPARATOR = "\n\n"
+
+#: Built-in held-out domain → its file in exl2core/data/eval.
+EVAL_DOMAINS: dict[str, str] = {
+    "technical": DEFAULT_TEXT,
+    "encyclopedic": "encyclopedic-original-articles.txt",
+    "code": "code-python-stdlib.txt",
+    "chat": "chat-original-conversations.txt",
+}
+DEFAULT_DOMAIN = "technical"
+ALL_DOMAINS = "all"
+CHAT_DOMAIN = "chat"
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """Text to score and its name in results. ``special_tokens``: special-token strings in it are the
+    model's special tokens (chat-template markup), not plain text."""
+
+    name: str
+    text: str
+    special_tokens: bool = False
+
+
+def domain_names(selection: str) -> list[str]:
+    """The built-in domains ``selection`` names: one of ``EVAL_DOMAINS`` or ``"all"``."""
+    if selection == ALL_DOMAINS:
+        return list(EVAL_DOMAINS)
+    if selection not in EVAL_DOMAINS:
+        raise Exl2Error(f"unknown evaluation domain '{selection}'; choose one of "
+                        f"{', '.join(EVAL_DOMAINS)} or {ALL_DOMAINS}")
+    return [selection]
+
+
+def domain_text(domain: str, model_dir: str | Path | None = None) -> EvalText:
+    """A built-in held-out domain's text. Chat conversations are rendered with ``model_dir``'s chat
+    template, or as a plain transcript when it has none (or is None)."""
+    (name,) = domain_names(domain)
+    file = EVAL_DOMAINS[name]
+    text = resources.files("exl2core").joinpath("data", "eval", file).read_text(encoding="utf-8")
+    if name != CHAT_DOMAIN:
+        return EvalText(f"(built-in {file})", text)
+    rendered = render_conversations(parse_conversations(text, file), model_dir)
+    how = "chat template" if rendered.templated else "transcript"
+    return EvalText(f"(built-in {file}, {how})", "".join(rendered.texts), special_tokens=rendered.templated)
 
 
 def load_text(path: str | Path | None = None) -> str:
@@ -49,15 +97,16 @@ def _parquet_text(path: Path) -> str:
 
 
 def token_windows(tokenizer: tokenizers.Tokenizer, text: str, length: int,
-                  rows: int | None = None) -> torch.Tensor:
+                  rows: int | None = None, *, special_tokens: bool = False) -> torch.Tensor:
     """Non-overlapping windows int64 ``[n, length]`` from the start of the tokenized text, at most
-    ``rows`` of them (all that fit when None). No special tokens are added, as in exllamav2's eval."""
+    ``rows`` of them (all that fit when None). No special tokens are added, as in exllamav2's eval;
+    special-token strings in the text are plain text unless ``special_tokens``."""
     if length < 2:
         raise Exl2Error(f"evaluation windows need at least 2 tokens, got --length {length}")
     if rows is not None and rows < 1:
         raise Exl2Error(f"--rows must be at least 1, got {rows}")
     before = tokenizer.encode_special_tokens
-    tokenizer.encode_special_tokens = True  # special-token strings in the text are plain text
+    tokenizer.encode_special_tokens = not special_tokens
     try:
         ids = tokenizer.encode(text, add_special_tokens=False).ids
     finally:

@@ -2,7 +2,8 @@
 
 The built-in mix is our own redistributable stand-in for exllamav2's standard calibration set: text files
 in ``exl2core/data/calibration`` whose name prefix says their domain (see SOURCES.md there). Rows are drawn
-from each domain in fixed proportions so that no single kind of text dominates the Hessians.
+from each domain in fixed proportions (a versioned mix, ``calibration_mix``) so that no single kind of
+text dominates the Hessians.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import tokenizers
 import torch
 
 from exl2core.errors import Exl2Error
+from exl2core.eval.chat_text import parse_conversations, render_conversations
+from exl2core.pipeline.calibration_mix import DEFAULT_MIX, MIXES, CalibrationMix, RowPurpose
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -31,16 +34,8 @@ DEFAULT_DATASET_NAME = "(default)"
 # Row lengths above this are longer than exllamav2 ever calibrates with (spec §9.1 clamps to 2048).
 LONG_ROW_WARNING = 2048
 
-# Fraction of the built-in mix's text rows per domain, in row order. A file belongs to the domain named
-# by its prefix ("code-go-stdlib.txt" → code); "multilingual-shuffled" reuses the multilingual text.
-DOMAIN_WEIGHTS: dict[str, float] = {
-    "prose": 0.40,
-    "code": 0.15,
-    "technical": 0.10,
-    "multilingual": 0.12,
-    "multilingual-shuffled": 0.03,
-    "dialogue": 0.10,
-}
+CHAT_DOMAIN = "chat"
+
 SHUFFLED_FROM = {"multilingual-shuffled": "multilingual"}
 
 # Shuffled rows are built from chunks this many tokens long, like exllamav2's shuffled multilingual row.
@@ -64,13 +59,18 @@ def calibration_rows(
     dataset: str | Path | None = None,
     seed: int = 0,
     noise_rows: int = 0,
+    mix: str = DEFAULT_MIX,
+    purpose: RowPurpose = "quantization",
+    model_dir: str | Path | None = None,
 ) -> torch.Tensor:
     """Token ids int64 ``[rows + noise_rows, length]`` for calibration; noise rows (last) are all −1.
 
-    ``dataset`` None uses the built-in mix; otherwise it is a parquet file read as in spec §9.2. Text is
-    tokenized without added special tokens, and special-token strings in it count as plain text. Built-in
-    rows come grouped by domain in ``DOMAIN_WEIGHTS`` order, then the random-token rows. The same
-    arguments always give the same tensor.
+    ``dataset`` None uses version ``mix`` of the built-in mix with its proportions for ``purpose``;
+    otherwise it is a parquet file read as in spec §9.2. Text is tokenized without added special tokens,
+    and special-token strings in it count as plain text, except in chat text rendered with the chat
+    template of ``model_dir`` (a plain transcript when it has none or is None). Built-in rows come grouped
+    by domain in the mix's order, then the random-token rows. The same arguments always give the same
+    tensor.
     """
     _check_sizes(vocab_size, rows, length, noise_rows)
     if length > LONG_ROW_WARNING:
@@ -81,11 +81,19 @@ def calibration_rows(
         )
     with _special_tokens_as_text(tokenizer):
         if dataset is None:
-            text_rows = _default_rows(tokenizer, vocab_size, rows, length, seed)
+            weights = calibration_mix(mix).weights(purpose)
+            text_rows = _default_rows(tokenizer, vocab_size, rows, length, seed, weights, model_dir)
         else:
             text_rows = _parquet_rows(tokenizer, Path(dataset), rows, length)
     noise = torch.full((noise_rows, length), NOISE_ID, dtype=torch.int64)
     return torch.cat([text_rows, noise])
+
+
+def calibration_mix(version: str) -> CalibrationMix:
+    """The built-in mix of that version; an error naming the versions there are."""
+    if version not in MIXES:
+        raise Exl2Error(f"unknown calibration mix '{version}'; choose one of {', '.join(MIXES)}")
+    return MIXES[version]
 
 
 def describe_dataset(dataset: str | Path | None) -> str:
@@ -93,17 +101,17 @@ def describe_dataset(dataset: str | Path | None) -> str:
     return DEFAULT_DATASET_NAME if dataset is None else Path(dataset).name
 
 
-def domain_row_counts(rows: int) -> dict[str, int]:
-    """Rows per domain of the built-in mix (``"random"`` included), summing to ``rows``.
+def domain_row_counts(rows: int, weights: dict[str, float]) -> dict[str, int]:
+    """Rows per domain of a mix's ``weights`` (``"random"`` included), summing to ``rows``.
 
     Largest-remainder allocation, so small requests still go to the most important domains first.
     """
     random_rows = min(RANDOM_ROWS_MAX, rows // RANDOM_ROW_EVERY)
     text_rows = rows - random_rows
-    total = sum(DOMAIN_WEIGHTS.values())
-    quotas = {d: text_rows * w / total for d, w in DOMAIN_WEIGHTS.items()}
+    total = sum(weights.values())
+    quotas = {d: text_rows * w / total for d, w in weights.items()}
     counts = {d: math.floor(q) for d, q in quotas.items()}
-    by_remainder = sorted(DOMAIN_WEIGHTS, key=lambda d: (-(quotas[d] - counts[d]), -DOMAIN_WEIGHTS[d]))
+    by_remainder = sorted(weights, key=lambda d: (-(quotas[d] - counts[d]), -weights[d]))
     for d in by_remainder[: text_rows - sum(counts.values())]:
         counts[d] += 1
     counts["random"] = random_rows
@@ -130,17 +138,18 @@ def _special_tokens_as_text(tokenizer: tokenizers.Tokenizer) -> Iterator[None]:
         tokenizer.encode_special_tokens = before
 
 
-def _default_rows(tokenizer: tokenizers.Tokenizer, vocab_size: int, rows: int, length: int,
-                  seed: int) -> torch.Tensor:
-    counts = domain_row_counts(rows)
+def _default_rows(tokenizer: tokenizers.Tokenizer, vocab_size: int, rows: int, length: int, seed: int,
+                  weights: dict[str, float], model_dir: str | Path | None) -> torch.Tensor:
+    counts = domain_row_counts(rows, weights)
     streams: dict[str, list[int]] = {}
     parts: list[torch.Tensor] = []
-    for domain in DOMAIN_WEIGHTS:
+    for domain in weights:
         if counts[domain] == 0:
             continue
         source = SHUFFLED_FROM.get(domain, domain)
         if source not in streams:
-            streams[source] = _domain_tokens(tokenizer, source)
+            streams[source] = (_chat_tokens(tokenizer, model_dir) if source == CHAT_DOMAIN
+                               else _domain_tokens(tokenizer, source))
         rng = random.Random(f"{seed}:{domain}")
         if domain in SHUFFLED_FROM:
             parts.append(_shuffled_rows(streams[source], counts[domain], length, rng))
@@ -152,12 +161,37 @@ def _default_rows(tokenizer: tokenizers.Tokenizer, vocab_size: int, rows: int, l
     return torch.cat(parts)
 
 
-def _domain_tokens(tokenizer: tokenizers.Tokenizer, domain: str) -> list[int]:
-    """All of a domain's files tokenized in name order and concatenated."""
+def _domain_files(domain: str) -> list[Traversable]:
+    """A domain's files in name order."""
     files = sorted((f for f in _default_files() if f.name.startswith(f"{domain}-")), key=lambda f: f.name)
     if not files:
         raise Exl2Error(f"the built-in calibration data has no '{domain}' files; the installation is broken")
-    texts = [f.read_text(encoding="utf-8") for f in files]
+    return files
+
+
+def _domain_tokens(tokenizer: tokenizers.Tokenizer, domain: str) -> list[int]:
+    """All of a domain's files tokenized in name order and concatenated."""
+    texts = [f.read_text(encoding="utf-8") for f in _domain_files(domain)]
+    return _joined_tokens(tokenizer, texts, domain)
+
+
+def _chat_tokens(tokenizer: tokenizers.Tokenizer, model_dir: str | Path | None) -> list[int]:
+    """The chat domain's conversations, each rendered as the model is prompted, tokenized and joined.
+
+    Template markup is tokenized with its special tokens as such, since that is what the model sees.
+    """
+    conversations = [c for f in _domain_files(CHAT_DOMAIN)
+                     for c in parse_conversations(f.read_text(encoding="utf-8"), f.name)]
+    rendered = render_conversations(conversations, model_dir)
+    before = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = not rendered.templated
+    try:
+        return _joined_tokens(tokenizer, rendered.texts, CHAT_DOMAIN)
+    finally:
+        tokenizer.encode_special_tokens = before
+
+
+def _joined_tokens(tokenizer: tokenizers.Tokenizer, texts: list[str], domain: str) -> list[int]:
     tokens = [t for enc in tokenizer.encode_batch(texts, add_special_tokens=False) for t in enc.ids]
     if not tokens:
         raise Exl2Error(f"the tokenizer turned the built-in '{domain}' calibration text into no tokens")

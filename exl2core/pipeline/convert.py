@@ -22,7 +22,7 @@ from exl2core.modules.forward import module_forward
 from exl2core.plan import ModelPlan
 from exl2core.plugins import resolve_plan
 from exl2core.pipeline import compile as compile_stage
-from exl2core.pipeline.calibration import calibration_rows, describe_dataset
+from exl2core.pipeline.calibration import RowPurpose, calibration_rows, describe_dataset
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import Job, Settings, load_tensors, save_tensors, write_json
 from exl2core.pipeline.measure import candidates_of, measure_module
@@ -117,11 +117,11 @@ class Converter:
             self.job.advance("measure_tokens")
 
     def measure_tokens(self) -> None:
-        self._tokens(self.s.measurement_rows, self.s.measurement_length, self.plan.noise_rows[0])
+        self._tokens(self.s.measurement_rows, self.s.measurement_length, self.plan.noise_rows[0], "measurement")
         self.job.advance("measure_embeddings")
 
     def quant_tokens(self) -> None:
-        self._tokens(self.s.rows, self.s.length, self.plan.noise_rows[1])
+        self._tokens(self.s.rows, self.s.length, self.plan.noise_rows[1], "quantization")
         self.job.advance("quant_embeddings")
 
     def measure_embeddings(self) -> None:
@@ -253,10 +253,11 @@ class Converter:
 
     # -- helpers ----------------------------------------------------------------------------------------
 
-    def _tokens(self, rows: int, length: int, noise: int) -> None:
+    def _tokens(self, rows: int, length: int, noise: int, purpose: RowPurpose) -> None:
         ids = calibration_rows(self.source.tokenizer, self.plan.config.vocab_size or
                                self.source.shape(self.plan.modules[0].tensors["embed"])[0],
-                               rows, length, dataset=self.s.cal_dataset, seed=self.s.seed, noise_rows=noise)
+                               rows, length, dataset=self.s.cal_dataset, seed=self.s.seed, noise_rows=noise,
+                               mix=self.s.cal_mix, purpose=purpose, model_dir=self.source.path)
         save_tensors(self.job.path("cal_data.safetensors"), {"input_ids": ids})
 
     def _embeddings(self) -> None:

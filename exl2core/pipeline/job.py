@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from exl2core.errors import Exl2Error
+from exl2core.pipeline.calibration_mix import DEFAULT_MIX, LEGACY_MIX
 
 JOB_FILE = "job.json"
 STAGES = ("begin", "measure_tokens", "measure_embeddings", "measure", "optimize", "quant_tokens",
@@ -47,6 +48,8 @@ class Settings:
     arch: str | None = None
     seed: int = 0
     scale_search: str = "hessian"
+    # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); the first stage it affects.
+    cal_mix: str = field(default=DEFAULT_MIX, metadata={"stage": "measure_tokens"})
 
     def differences(self, other: "Settings") -> list[str]:
         return [f"{f.name}: {getattr(other, f.name)!r} (job) vs {getattr(self, f.name)!r} (now)"
@@ -125,8 +128,9 @@ class Job:
                 saved = json.loads(job_path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise Exl2Error(f"{job_path} is unreadable ({e}); rerun with -nr to start over") from None
-            # Jobs from before the scale-search setting quantized with exllamav2's search.
-            old = Settings(**{"scale_search": "exllamav2", **saved["settings"]})
+            # Jobs from before the scale-search setting quantized with exllamav2's search, and jobs from
+            # before the mix setting calibrated with mix v1.
+            old = Settings(**{"scale_search": "exllamav2", "cal_mix": LEGACY_MIX, **saved["settings"]})
             diff = settings.differences(old)
             if diff:
                 raise Exl2Error(f"{directory} holds a job with other settings ({'; '.join(diff)}); "

@@ -1,0 +1,142 @@
+"""The built-in calibration mix v1 against v2: the same conversion calibrated on each, scored per domain.
+
+    python bench/bench_calibration.py                                  # SmolLM2-135M, then Gemma-3-270M
+    python bench/bench_calibration.py --models smollm2 --bits 4.0 --work /tmp/calbench
+
+For every model and mix: one measurement pass (``-om``, measurement rows × length), then one
+quantization pass per bitrate reusing that measurement (``-m``), all other settings exl2core's defaults.
+Each EXL2 model is scored against its FP16 source on the held-out domains of ``exl2 eval --domain``
+(encyclopedic prose, code, chat rendered with the model's chat template): mean KL(FP16 ‖ EXL2) per
+token, perplexity, top-1 agreement. The table gives each figure for v1 and v2 side by side and the KL
+ratio v2 / v1, and checks the targets of issue #19: ratio ≤ 0.85 on encyclopedic prose and chat, ≤ 1.05
+everywhere. Finished steps are kept in WORK/results.json, so rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import MODELS  # noqa: E402
+
+from exl2core.eval.data import domain_text, token_windows  # noqa: E402
+from exl2core.eval.perplexity import evaluate  # noqa: E402
+from exl2core.model.exl2_weights import open_model  # noqa: E402
+from exl2core.pipeline.convert import Runtime, convert  # noqa: E402
+from exl2core.pipeline.job import Settings  # noqa: E402
+
+DOMAINS = ("encyclopedic", "code", "chat")
+#: Issue #19: v2's KL at most this fraction of v1's on these domains …
+IMPROVE_DOMAINS = {"encyclopedic": 0.85, "chat": 0.85}
+#: … and no domain worse than this.
+MAX_RATIO = 1.05
+
+
+@dataclass
+class Score:
+    kl: float
+    perplexity: float
+    ref_perplexity: float
+    top1: float
+    windows: int
+
+
+def measure(model_dir: Path, work: Path, mix: str, args) -> Path:
+    path = work / f"measurement-{mix}.json"
+    if not path.is_file():
+        convert(Settings(in_dir=str(model_dir), cal_mix=mix, measurement_rows=args.measurement_rows,
+                         measurement_length=args.length, rows=args.rows, length=args.length,
+                         output_measurement=str(path)),
+                work / f"job-measure-{mix}", Runtime(quiet=True), restart=True)
+    return path
+
+
+def quantize(model_dir: Path, work: Path, mix: str, bits: float, measurement: Path, args) -> Path:
+    out = work / f"model-{mix}-{bits}"
+    if not (out / "config.json").is_file():
+        convert(Settings(in_dir=str(model_dir), cal_mix=mix, bits=bits, measurement=str(measurement),
+                         measurement_rows=args.measurement_rows, measurement_length=args.length,
+                         rows=args.rows, length=args.length, compile_full=str(out)),
+                work / f"job-{mix}-{bits}", Runtime(quiet=True), restart=True)
+    return out
+
+
+def score(model_dir: Path, ref_dir: Path, domain: str, args) -> Score:
+    model, ref = open_model(model_dir), open_model(ref_dir)
+    text = domain_text(domain, ref_dir)
+    windows = token_windows(ref.source.tokenizer, text.text, args.length, args.eval_rows,
+                            special_tokens=text.special_tokens)
+    result = evaluate(model, windows, ref, data=text.name)
+    return Score(result.kl_divergence, result.perplexity, result.ref_perplexity, result.top1_agreement,
+                 result.windows)
+
+
+def table(results: dict, models: list[str], bits: list[float]) -> tuple[list[str], list[str]]:
+    """Markdown rows, and the targets missed."""
+    lines = ["| model | bpw | domain | KL v1 | KL v2 | v2/v1 | ppl v1 | ppl v2 | ppl FP16 | top-1 v1 | top-1 v2 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    missed = []
+    for name in models:
+        for b in bits:
+            for domain in DOMAINS:
+                one, two = (results.get(f"{name}/{mix}/{b}/{domain}") for mix in ("v1", "v2"))
+                if one is None or two is None:
+                    continue
+                ratio = two["kl"] / one["kl"]
+                lines.append(f"| {name} | {b} | {domain} | {one['kl']:.4f} | {two['kl']:.4f} | {ratio:.3f} | "
+                             f"{one['perplexity']:.2f} | {two['perplexity']:.2f} | {one['ref_perplexity']:.2f} | "
+                             f"{one['top1']:.3f} | {two['top1']:.3f} |")
+                limit = IMPROVE_DOMAINS.get(domain, MAX_RATIO)
+                if ratio > limit:
+                    missed.append(f"{name} {b} bpw {domain}: v2/v1 KL {ratio:.3f} > {limit}")
+    return lines, missed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--bits", type=float, nargs="+", default=[3.0, 4.0])
+    parser.add_argument("--measurement-rows", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=16, help="quantization rows")
+    parser.add_argument("--length", type=int, default=512, help="tokens per calibration row and eval window")
+    parser.add_argument("--eval-rows", type=int, default=8, help="evaluation windows per domain (at most)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/exl2-bench-calibration"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    results_path = args.work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for name in args.models:
+        model_dir = MODELS[name]()
+        work = args.work / name
+        for mix in ("v1", "v2"):
+            started = time.monotonic()
+            measurement = measure(model_dir, work, mix, args)
+            print(f"{name} {mix}: measurement {time.monotonic() - started:.0f} s", flush=True)
+            for b in args.bits:
+                started = time.monotonic()
+                out = quantize(model_dir, work, mix, b, measurement, args)
+                print(f"{name} {mix} {b} bpw: quantization {time.monotonic() - started:.0f} s", flush=True)
+                for domain in DOMAINS:
+                    key = f"{name}/{mix}/{b}/{domain}"
+                    if key not in results:
+                        results[key] = asdict(score(out, model_dir, domain, args))
+                        results_path.write_text(json.dumps(results, indent=1))
+                    print(f"  {domain}: {results[key]}", flush=True)
+    lines, missed = table(results, args.models, args.bits)
+    print("\n".join(lines))
+    print("targets met" if not missed else "targets missed:\n  " + "\n  ".join(missed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Versions of the built-in calibration mix: which domains, in what proportions (no torch, for the CLI).
+
+A job records the version it started with and every version stays selectable, so a resumed job never
+mixes data and an old comparison can be rerun. Domains are file-name prefixes in
+``exl2core/data/calibration`` (see SOURCES.md there).
+
+v1: literary prose, code, technical documentation, multilingual text and FAQ dialogue.
+v2: adds encyclopedic articles, web-style pages, news-style reports and chat conversations rendered with
+the model's own chat template (what users measure quants on and what instruct models see), with
+separate proportions for measurement and quantization rows, as exllamav2 has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+RowPurpose = Literal["measurement", "quantization"]
+
+
+@dataclass(frozen=True)
+class CalibrationMix:
+    """A version of the built-in mix: the fraction of text rows per domain, in row order, for measurement
+    rows and for quantization rows. A file belongs to the domain named by its prefix
+    ("code-go-stdlib.txt" → code); "multilingual-shuffled" reuses the multilingual text; the chat domain's
+    conversations are rendered with the model's chat template."""
+
+    version: str
+    measurement: dict[str, float]
+    quantization: dict[str, float]
+
+    def weights(self, purpose: RowPurpose) -> dict[str, float]:
+        return self.measurement if purpose == "measurement" else self.quantization
+
+
+_V1_WEIGHTS = {
+    "prose": 0.40,
+    "code": 0.15,
+    "technical": 0.10,
+    "multilingual": 0.12,
+    "multilingual-shuffled": 0.03,
+    "dialogue": 0.10,
+}
+
+MIXES: dict[str, CalibrationMix] = {
+    "v1": CalibrationMix("v1", _V1_WEIGHTS, _V1_WEIGHTS),
+    # Informational prose (encyclopedic, web, news) is about half of the quantization rows, as Wikipedia
+    # and C4 are in exllamav2's set; measurement rows are spread more evenly, as exllamav2's are.
+    "v2": CalibrationMix(
+        "v2",
+        measurement={"encyclopedic": 0.22, "chat": 0.16, "code": 0.14, "web": 0.10, "multilingual": 0.10,
+                     "technical": 0.08, "prose": 0.08, "news": 0.06, "multilingual-shuffled": 0.04,
+                     "dialogue": 0.02},
+        quantization={"encyclopedic": 0.32, "chat": 0.14, "code": 0.12, "web": 0.10, "multilingual": 0.09,
+                      "technical": 0.06, "news": 0.06, "prose": 0.05, "dialogue": 0.03,
+                      "multilingual-shuffled": 0.03},
+    ),
+}
+DEFAULT_MIX = "v2"
+# Jobs whose job.json predates the mix version calibrated with this one.
+LEGACY_MIX = "v1"
