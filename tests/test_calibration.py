@@ -14,8 +14,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from exl2core.cli import main
 from exl2core.errors import Exl2Error
 from exl2core.eval.chat_text import Message, parse_conversations, render_conversations
+from exl2core.eval.data import DEFAULT_DATA_NAME, domain_names, token_windows
+from exl2core.eval.data import domain_text as eval_domain_text
 from exl2core.pipeline.calibration import (
     calibration_rows,
     describe_dataset,
@@ -400,3 +403,31 @@ def test_held_out_domains_share_no_paragraph_or_line_with_calibration(name: str)
     shared = [p for p in held_out.split("\n\n") if len(p.strip()) >= 30 and p.strip() in paragraphs]
     shared += [line for line in held_out.splitlines() if len(line.strip()) >= 30 and line.strip() in lines]
     assert shared == []
+
+
+def test_eval_domains_and_chat_rendering(tokenizer: Tokenizer, chatml_model: Path) -> None:
+    assert domain_names("all") == ["technical", "encyclopedic", "code", "chat"]
+    with pytest.raises(Exl2Error, match="unknown evaluation domain 'wiki'"):
+        domain_names("wiki")
+    assert eval_domain_text("technical").name == DEFAULT_DATA_NAME
+    templated = eval_domain_text("chat", chatml_model)
+    assert templated.special_tokens and templated.text.startswith(f"{IM_START}user\n")
+    plain = eval_domain_text("chat", None)
+    assert not plain.special_tokens and plain.text.startswith("User: ") and IM_START not in plain.text
+    start_id = tokenizer.token_to_id(IM_START)
+    as_special = token_windows(tokenizer, templated.text, 64, special_tokens=True)
+    as_text = token_windows(tokenizer, templated.text, 64)
+    assert (as_special == start_id).sum() > 5
+    assert start_id not in as_text.flatten().tolist()
+
+
+def test_cli_eval_every_domain(tiny_llama, capsys) -> None:
+    assert main(["eval", str(tiny_llama.path), "--ref", str(tiny_llama.path), "--domain", "all",
+                 "--length", "32", "--rows", "1", "--device", "cpu", "--json"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["data"] for r in results] == [
+        "(built-in python-tutorial.txt)", "(built-in encyclopedic-original-articles.txt)",
+        "(built-in code-python-stdlib.txt)", "(built-in chat-original-conversations.txt, transcript)"]
+    assert all(r["kl_divergence"] == pytest.approx(0, abs=1e-6) and r["windows"] == 1 for r in results)
+    assert main(["eval", str(tiny_llama.path), "--domain", "code", "--data", "x.txt"]) == 1
+    assert "--data and --domain" in capsys.readouterr().err
