@@ -10,7 +10,7 @@ from pathlib import Path
 from exl2core import __version__
 from exl2core.errors import Exl2Error
 from exl2core.pipeline.calibration_mix import DEFAULT_MIX, LEGACY_MIX, MIXES
-from exl2core.quant.qparams import SCALE_SEARCHES
+from exl2core.quant.qparams import FITS, LAYOUTS, SCALE_SEARCHES
 
 
 def _add_convert(sub) -> None:
@@ -43,6 +43,13 @@ def _add_convert(sub) -> None:
     p.add_argument("--scale-search", choices=SCALE_SEARCHES, default="hessian",
                    help="group scales minimising GPTQ's Hessian-weighted error (default), or exactly "
                         "exllamav2's choice")
+    p.add_argument("--fit", choices=FITS, default="local",
+                   help="local: each linear on its block's inputs (exllamav2); sequential: o/down projections "
+                        "on what the quantized q/k/v, gate/up give; asymmetric: sequential and fitted to the "
+                        "unquantized model's output (GPTAQ)")
+    p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
+                   help="table: group bit widths as the candidate table lays them out; hessian: rows moved "
+                        "between the setting's widths and group sizes where GPTQ's error model gains, same size")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")
@@ -69,7 +76,8 @@ def _convert(args) -> int:
         measurement_length=args.measurement_length, shard_size=args.shard_size,
         compile_full=args.compile_full, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
         output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
-        seed=args.seed, scale_search=args.scale_search, cal_mix=args.cal_mix)
+        seed=args.seed, scale_search=args.scale_search, fit=args.fit,
+        layout=args.bit_layout, cal_mix=args.cal_mix)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = Runtime(device=device, gpu_rows=args.gpu_rows, checkpoint_interval=args.checkpoint_interval,
                       status_json=args.status_json)

@@ -28,8 +28,8 @@ from exl2core.pipeline.job import Job, Settings, load_tensors, save_tensors, wri
 from exl2core.pipeline.measure import candidates_of, measure_module
 from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of, plan_strategy
 from exl2core.pipeline.progress import Reporter
-from exl2core.pipeline.quantize import perplexity_verdict, quantize_module
-from exl2core.quant.qparams import HEAD_OPTIONS, TABLES, pad32, table_setting
+from exl2core.pipeline.quantize import QuantizerOptions, perplexity_verdict, quantize_module
+from exl2core.quant.qparams import FITS, HEAD_OPTIONS, LAYOUTS, TABLES, pad32, table_setting
 
 HEAD_BITS = tuple(sorted(HEAD_OPTIONS))
 
@@ -68,6 +68,10 @@ def validate_settings(s: Settings) -> None:
     for name in ("rows", "length", "measurement_rows", "measurement_length"):
         if getattr(s, name) < 1:
             raise Exl2Error(f"{name.replace('_', ' ')} must be at least 1")
+    if s.fit not in FITS:
+        raise Exl2Error(f"fit must be one of {', '.join(FITS)}, not {s.fit!r}")
+    if s.layout not in LAYOUTS:
+        raise Exl2Error(f"bit layout must be one of {', '.join(LAYOUTS)}, not {s.layout!r}")
     if s.output_measurement and s.compile_full:
         raise Exl2Error("-om (measure only) and -cf (compile) cannot be combined")
 
@@ -197,7 +201,16 @@ class Converter:
         errors = dict(self.job.state.get("module_errors", {}))
         notes = dict(self.job.state.get("calibration_notes", {}))
         self.report.stage("Quantizing", len(modules) - 1, start - 1)
-        states = self._load_states()
+        options = QuantizerOptions(search=self.s.scale_search, fit=self.s.fit, layout=self.s.layout)
+        states, reference = HiddenStates.load_with_reference(self.job.path(self.job.state["hidden_states"]),
+                                                             self.device, self.rt.gpu_rows)
+        if options.fit != "asymmetric":
+            reference = None
+        elif reference is None:
+            if start > 1:
+                raise Exl2Error("the checkpoint of this job's quantization pass lacks the unquantized model's "
+                                "hidden states; rerun with -nr to start over")
+            reference = states  # before the first block both models' states are the embeddings
         ids = load_tensors(self.job.path("cal_data.safetensors"))["input_ids"]
         ppl_rows = min(self.s.measurement_rows, ids.shape[0] - self.plan.noise_rows[1])
         last_save = time.monotonic()
@@ -207,7 +220,7 @@ class Converter:
             result = quantize_module(module_forward(module), module, weights, states, self.job.state["strategy"],
                                      self.s.head_bits, self.tensor_dir,
                                      ppl_ids=ids[:ppl_rows] if module.kind == "head" else None,
-                                     search=self.s.scale_search)
+                                     options=options, reference=reference)
             self.report.advance()
             if result.error is not None:
                 errors[module.measurement_key] = result.error
@@ -221,9 +234,11 @@ class Converter:
                                 f"({perplexity_verdict(result.perplexity)})")
             if module.kind != "head":
                 states = states.replaced(result.outputs)
+                if reference is not None:
+                    reference = reference.replaced(result.reference_outputs)
             del weights
             if idx < len(modules) - 1 and time.monotonic() - last_save >= self.rt.checkpoint_interval:
-                self._checkpoint(states, idx, "q_last_module_idx", module_errors=errors,
+                self._checkpoint(states, idx, "q_last_module_idx", reference=reference, module_errors=errors,
                                  calibration_notes=notes)
                 last_save = time.monotonic()
         self._finish_pass("compile", module_errors=errors, calibration_notes=notes,
@@ -286,11 +301,13 @@ class Converter:
     def _load_states(self) -> HiddenStates:
         return HiddenStates.load(self.job.path(self.job.state["hidden_states"]), self.device, self.rt.gpu_rows)
 
-    def _checkpoint(self, states: HiddenStates, idx: int, counter: str | None, **updates) -> None:
-        """Save the hidden states under a new name, then point the job at them, then drop the old file."""
+    def _checkpoint(self, states: HiddenStates, idx: int, counter: str | None,
+                    reference: HiddenStates | None = None, **updates) -> None:
+        """Save the hidden states (and the unquantized model's beside them, asymmetric fit) under a new
+        name, then point the job at them, then drop the old file."""
         old = self.job.state.get("hidden_states")
         name = f"hidden_states.{self.job.progress}.{idx:04d}.safetensors"
-        states.save(self.job.path(name))
+        states.save(self.job.path(name), reference)
         if counter:
             updates[counter] = idx
         self.job.update(hidden_states=name, **updates)

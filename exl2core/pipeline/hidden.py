@@ -32,9 +32,22 @@ class HiddenStates:
     def replaced(self, outputs: list[torch.Tensor]) -> "HiddenStates":
         return HiddenStates([o.squeeze(0) for o in outputs], self.device, self.gpu_rows)
 
-    def save(self, path: str | Path) -> None:
-        save_tensors(path, {"hidden": torch.stack([r.cpu() for r in self.rows])})
+    def save(self, path: str | Path, reference: "HiddenStates | None" = None) -> None:
+        """Save the rows, and ``reference`` (the unquantized model's states, asymmetric fit) beside them."""
+        tensors = {"hidden": torch.stack([r.cpu() for r in self.rows])}
+        if reference is not None:
+            tensors["reference"] = torch.stack([r.cpu() for r in reference.rows])
+        save_tensors(path, tensors)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device, gpu_rows: int | None = None) -> "HiddenStates":
         return cls(list(load_tensors(path)["hidden"].unbind(0)), device, gpu_rows)
+
+    @classmethod
+    def load_with_reference(cls, path: str | Path, device: torch.device,
+                            gpu_rows: int | None = None) -> "tuple[HiddenStates, HiddenStates | None]":
+        """The saved rows and the reference rows saved beside them (None if there are none)."""
+        tensors = load_tensors(path)
+        reference = tensors.get("reference")
+        return (cls(list(tensors["hidden"].unbind(0)), device, gpu_rows),
+                None if reference is None else cls(list(reference.unbind(0)), device, gpu_rows))

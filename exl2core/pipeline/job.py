@@ -48,6 +48,9 @@ class Settings:
     arch: str | None = None
     seed: int = 0
     scale_search: str = "hessian"
+    # How the quantization pass fits each linear and lays out its groups (pipeline.quantize).
+    fit: str = field(default="local", metadata={"stage": "quant"})
+    layout: str = field(default="table", metadata={"stage": "quant"})
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); the first stage it affects.
     cal_mix: str = field(default=DEFAULT_MIX, metadata={"stage": "measure_tokens"})
 

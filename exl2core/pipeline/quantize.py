@@ -1,7 +1,14 @@
 """Quantization pass: every linear quantized with its strategy setting, packed, verified, saved.
 
 Hidden states advance with the *quantized* block outputs, so each block's Hessians are collected
-on inputs produced by the already-quantized earlier blocks.
+on inputs produced by the already-quantized earlier blocks. How each linear is fitted (``FITS``):
+
+* ``local`` (exllamav2's): every linear of a block on the inputs the block's unquantized weights give it;
+* ``sequential``: the linears reading the block's input first, then the others (o_proj, down_proj, MoE
+  w2) on what the already quantized first ones produce;
+* ``asymmetric`` (GPTAQ, arXiv 2504.02692): sequential, and each linear fitted to the *unquantized*
+  model's output from the quantized inputs it really sees, so it compensates the error of everything
+  quantized before it. The pass then carries the unquantized model's hidden states beside its own.
 """
 
 from __future__ import annotations
@@ -15,15 +22,32 @@ import torch
 
 from exl2core.errors import Exl2Error
 from exl2core.plan import Linear, Module
+from exl2core.pipeline.collect import collect, first_input
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
 from exl2core.pipeline.runner import calibration_report, forward_rows, prepare_hessians, relative_error
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
-from exl2core.quant.qparams import HEAD_OPTIONS, QParams
+from exl2core.quant.qparams import FITS, HEAD_OPTIONS, QParams
 
 RTN_NUMEL = 1e9
 PPL_HEALTHY = 30.0
+#: The asymmetric fit keeps the unquantized model's inputs to a block's later linears from its first pass
+#: while they fit in this many bytes; beyond, its second pass runs the unquantized block again.
+REFERENCE_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class QuantizerOptions:
+    """The job's choices of how linears are quantized (``Settings`` fields of stage ``quant``)."""
+
+    search: str = "hessian"
+    fit: str = "local"
+    layout: str = "table"
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise Exl2Error(f"unknown fit {self.fit!r}; expected one of {', '.join(FITS)}")
 
 
 @dataclass
@@ -32,6 +56,7 @@ class ModuleResult:
     error: float | None = None
     perplexity: float | None = None
     notes: list[str] = field(default_factory=list)
+    reference_outputs: list[torch.Tensor] | None = None  # the unquantized model's (asymmetric fit)
 
 
 def setting_for(module: Module, lin: Linear, strategy: dict, head_bits: int) -> QParams:
@@ -49,27 +74,78 @@ def tensor_file(out_dir: Path, lin: Linear) -> Path:
 
 def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates,
                     strategy: dict, head_bits: int, out_dir: Path,
-                    ppl_ids: torch.Tensor | None = None, search: str = "hessian") -> ModuleResult:
+                    ppl_ids: torch.Tensor | None = None, search: str = "hessian", *,
+                    options: QuantizerOptions | None = None,
+                    reference: HiddenStates | None = None) -> ModuleResult:
     """Quantize ``module``'s linears in place of their weights and return its quantized outputs.
 
     ``ppl_ids`` (the head only) are the token ids of the rows used for the calibration perplexity;
-    ``search`` is the scale search (``gptq.SCALE_SEARCHES``).
+    ``options`` (default: ``search`` and exllamav2's fit) say how to quantize. ``reference`` holds the
+    unquantized model's hidden states, required by the asymmetric fit, whose reference outputs the
+    result then carries.
     """
+    options = options or QuantizerOptions(search=search)
+    asymmetric = options.fit == "asymmetric"
+    if asymmetric and reference is None:
+        raise ValueError("the asymmetric fit needs the unquantized model's hidden states")
+    reference = reference if asymmetric else None
     if not module.linears:
-        return ModuleResult(forward_rows(fwd, module, weights, states))
-    is_head = module.kind == "head"
-    if is_head:
-        hessians = head_hessians(module, states)
+        outputs = forward_rows(fwd, module, weights, states)
+        ref_outputs = None if reference is None else forward_rows(fwd, module, weights, reference)
+        return ModuleResult(outputs, reference_outputs=ref_outputs)
+    if module.kind == "head":
+        hessians = head_hessians(module, states, reference)
+        notes = calibration_report(module, hessians)
+        _quantize_linears(module, module.linears, weights, prepare_hessians(module, hessians, states.device),
+                          strategy, head_bits, out_dir, options)
+        ppl = NextTokenLoss(ppl_ids)
+        if ppl_ids is not None:
+            forward_rows(fwd, module, weights, states, rows=len(ppl_ids), reduce=ppl.add)
+        return ModuleResult([], perplexity=ppl.perplexity() if ppl.count else None, notes=notes)
+
+    unquantized = dict(weights)
+    if options.fit == "local":
+        stages = [module.linears]
     else:
-        hessians = {}
-        targets = forward_rows(fwd, module, weights, states, hessians)
-    prepared = prepare_hessians(module, hessians, states.device)
+        first = first_input(fwd, module, weights, states)
+        stages = [[lin for lin in module.linears if lin.input == first],
+                  [lin for lin in module.linears if lin.input != first]]
+    stage_inputs = [{lin.input for lin in stage} for stage in stages]
+    later = set().union(*stage_inputs[1:])
+    keep = later if asymmetric and _reference_bytes(module, later, states) <= REFERENCE_CACHE_BYTES else set()
+    collected = collect(fwd, module, weights, states, reference=reference, reference_weights=unquantized,
+                        paired=stage_inputs[0] if asymmetric else frozenset(), keep=keep)
+    targets, hessians = collected.outputs, collected.hessians
     notes = calibration_report(module, hessians)
-    for lin in module.linears:
+    for index, stage in enumerate(stages):
+        if not stage:
+            continue
+        if index > 0:
+            hessians = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
+                               reference_weights=unquantized, reference_inputs=collected.reference_inputs,
+                               paired=stage_inputs[index] if asymmetric else frozenset()).hessians
+        prepared = prepare_hessians(module, hessians, states.device)
+        _quantize_linears(module, stage, weights, prepared, strategy, head_bits, out_dir, options)
+    outputs = forward_rows(fwd, module, weights, states)
+    return ModuleResult(outputs, error=relative_error(outputs, targets), notes=notes,
+                        reference_outputs=collected.reference_outputs)
+
+
+def _reference_bytes(module: Module, names: set[str], states: HiddenStates) -> int:
+    """Upper bound on the memory that keeping the reference inputs ``names`` of every row takes."""
+    features = sum({lin.input: lin.in_features for lin in module.linears if lin.input in names}.values())
+    row = states.rows[0]
+    return len(states) * row.shape[0] * features * row.element_size()
+
+
+def _quantize_linears(module: Module, linears: list[Linear], weights: dict[str, torch.Tensor], prepared: dict,
+                      strategy: dict, head_bits: int, out_dir: Path, options: QuantizerOptions) -> None:
+    """Quantize, pack, save and verify ``linears``; each weight is replaced by its dequantized packing."""
+    for lin in linears:
         qp = setting_for(module, lin, strategy, head_bits)
         rtn = lin.key == "lm_head" and lin.in_features * lin.out_features > RTN_NUMEL
-        q = quantize_linear(weights[lin.name], prepared[lin.name], qp,
-                            bias=weights.get(lin.name + ".bias"), rtn=rtn, search=search)
+        q = quantize_linear(weights[lin.name], prepared[lin.name], qp, bias=weights.get(lin.name + ".bias"),
+                            rtn=rtn, search=options.search, layout=options.layout)
         packed = {f"{lin.key}.{suffix}": t for suffix, t in q.pack().items()}
         save_tensors(tensor_file(out_dir, lin), packed)
         rebuilt = dequantize({k[len(lin.key) + 1:]: v for k, v in packed.items()})
@@ -79,23 +155,17 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
             raise Exl2Error(f"{lin.key}: packed tensors do not reproduce the quantized weight "
                             f"(max diff {diff:.4g}); this is a bug, please report it")
         weights[lin.name] = rebuilt[: lin.out_features].to(weights[lin.name].device, weights[lin.name].dtype)
-    if is_head:
-        ppl = NextTokenLoss(ppl_ids)
-        if ppl_ids is not None:
-            forward_rows(fwd, module, weights, states, rows=len(ppl_ids), reduce=ppl.add)
-        return ModuleResult([], perplexity=ppl.perplexity() if ppl.count else None, notes=notes)
-    outputs = forward_rows(fwd, module, weights, states)
-    return ModuleResult(outputs, error=relative_error(outputs, targets), notes=notes)
 
 
-def head_hessians(module: Module, states: HiddenStates) -> dict[str, Hessian]:
+def head_hessians(module: Module, states: HiddenStates, reference: HiddenStates | None = None) -> dict[str, Hessian]:
     """The head reads the module's input unchanged, so its Hessian needs no forward: computing the
-    logits of every calibration row only to discard them is the costliest step of the whole pass."""
+    logits of every calibration row only to discard them is the costliest step of the whole pass.
+    With ``reference`` (the unquantized model's head inputs) the Hessian is asymmetric."""
     (lin,) = module.linears
-    hessian = Hessian(lin.in_features, states.device)
+    hessian = Hessian(lin.in_features, states.device, asymmetric=reference is not None)
     with torch.inference_mode():
         for i in range(len(states)):
-            hessian.add(states.row(i))
+            hessian.add(states.row(i), None if reference is None else reference.row(i))
     return {lin.input: hessian}
 
 

@@ -16,8 +16,9 @@ import torch
 
 from exl2core import kernels
 from exl2core.errors import Exl2Error
+from exl2core.quant.layout import choose_layout
 from exl2core.quant.pack import group_scales, make_q_groups, pack_scales
-from exl2core.quant.qparams import SCALE_SEARCHES, QParams, pad32
+from exl2core.quant.qparams import LAYOUTS, SCALE_SEARCHES, QParams, pad32
 
 PERCDAMP = 0.12
 DAMP_ATTEMPTS = 10
@@ -36,22 +37,32 @@ class PreparedHessian:
     """Act-order permutation and upper Cholesky factor ``U`` of ``H_p^-1`` (``H_p^-1 = Uᵀ U``).
 
     ``inv_upper`` is None when prepared for round-to-nearest only. ``attempts`` is the number of damping
-    steps that were needed (1 when the first Cholesky succeeded).
+    steps that were needed (1 when the first Cholesky succeeded). ``cross`` makes ``quantize_linear`` fit
+    the reference output ``X̃ W`` instead of ``X W`` (asymmetric calibration, :class:`Hessian`).
     """
 
     perm: torch.Tensor
     inv_upper: torch.Tensor | None
     attempts: int = 1
+    cross: torch.Tensor | None = None  # permuted mean ``Xᵀ(X̃ − X)`` of an asymmetric Hessian, else None
 
 
 class Hessian:
-    """Accumulates ``H = Σ XᵀX`` in float32 over calibration rows (spec §3.1)."""
+    """Accumulates ``H = Σ XᵀX`` in float32 over calibration rows (spec §3.1).
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+    An ``asymmetric`` accumulator also sums the cross term ``C = Σ Xᵀ(X̃ − X)`` of each row's input ``X``
+    (the quantized model's) with the unquantized model's input ``X̃`` to the same linear (GPTAQ,
+    arXiv 2504.02692). A row whose two inputs differ in shape (MoE experts routed other tokens in the two
+    models) drops the cross term for good: the fit falls back to the plain objective.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", *, asymmetric: bool = False):
         self.in_features = in_features
         self.device = torch.device(device)
         self.matrix: torch.Tensor | None = None
         self.num_batches = 0
+        self.asymmetric = asymmetric
+        self.cross: torch.Tensor | None = None
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, num_batches: int) -> Hessian:
@@ -61,8 +72,9 @@ class Hessian:
         hessian.num_batches = num_batches
         return hessian
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add one calibration row's input activations ``[..., K]``."""
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Add one calibration row's input activations ``[..., K]`` (and, asymmetric, the unquantized
+        model's input ``reference`` to the same linear for the same row)."""
         if x.shape[-1] != self.in_features:
             raise Exl2Error(f"Hessian expects {self.in_features} input features, got {x.shape[-1]}")
         rows = x.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
@@ -70,6 +82,15 @@ class Hessian:
             self.matrix = torch.zeros(self.in_features, self.in_features, device=self.device)
         self.matrix.addmm_(rows.T, rows)
         self.num_batches += 1
+        if not self.asymmetric:
+            return
+        if reference is None or reference.shape != x.shape:
+            self.asymmetric, self.cross = False, None
+            return
+        ref_rows = reference.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+        if self.cross is None:
+            self.cross = torch.zeros(self.in_features, self.in_features, device=self.device)
+        self.cross.addmm_(rows.T, ref_rows - rows)  # not in place: ref_rows may be the caller's tensor
 
     def prepare(self, name: str, *, invert: bool = True) -> PreparedHessian:
         """Normalize, act-order, damp and invert (spec §3.2). ``name`` labels errors.
@@ -88,12 +109,17 @@ class Hessian:
         if not invert:
             return PreparedHessian(perm, None, 0)
         h = h[perm][:, perm]
+        cross = None
+        if self.cross is not None:
+            cross = (self.cross / self.num_batches)[perm][:, perm]
+            if not torch.isfinite(cross).all():
+                raise Exl2Error(f"{name}: asymmetric cross term has NaN/inf entries")
         damp = max(PERCDAMP * torch.diagonal(h).mean().item(), 1e-5)
         for attempt in range(1, DAMP_ATTEMPTS + 1):
             torch.diagonal(h).add_(damp)
             upper = _inverse_upper_factor(h)
             if upper is not None:
-                return PreparedHessian(perm, upper, attempt)
+                return PreparedHessian(perm, upper, attempt, cross)
         raise Exl2Error(f"{name}: Hessian is not invertible after {DAMP_ATTEMPTS} damping attempts")
 
 
@@ -268,6 +294,8 @@ def quantize_linear(
     bias: torch.Tensor | None = None,
     rtn: bool = False,
     search: str = "hessian",
+    asymmetric_weight: float = 1.0,
+    layout: str = "table",
 ) -> QuantizedLinear:
     """Quantize an ``[out_features, in_features]`` weight with GPTQ error feedback (or RTN, §3.7).
 
@@ -275,6 +303,14 @@ def quantize_linear(
     group: within a group rows are quantized one at a time and the error is propagated to the group's
     remaining rows; after the group, all later rows are updated with one matrix product (§3.5).
     ``search`` picks the group scales (``SCALE_SEARCHES``); both give valid EXL2 tensors.
+
+    A Hessian with a cross term (``prepared.cross``) fits the unquantized model's output ``X̃ W`` from
+    the quantized model's input ``X``: ``‖X̃ W − X Q‖²`` equals ``‖X (Q − W*)‖²`` plus a constant, with
+    ``W* = W + H⁻¹ Xᵀ(X̃ − X) W`` (the least-squares fit of the reference output, ridge-damped towards
+    ``W`` by GPTQ's damping), so GPTQ runs unchanged on ``W*``. ``asymmetric_weight`` scales the
+    correction (1: the exact optimum). ``layout`` (``LAYOUTS``) chooses the group layout: ``table`` is
+    §1.2's; ``hessian`` moves rows between the setting's bit widths and group sizes where GPTQ's
+    row-weighted error model says so, at exactly the same storage size (``quant.layout``).
     """
     out_features, k = weight.shape
     perm = prepared.perm
@@ -285,19 +321,26 @@ def quantize_linear(
         raise Exl2Error("GPTQ needs a Hessian prepared with invert=True")
     if search not in SCALE_SEARCHES:
         raise Exl2Error(f"unknown scale search {search!r}; expected one of {', '.join(SCALE_SEARCHES)}")
+    if layout not in LAYOUTS:
+        raise Exl2Error(f"unknown group layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     n = pad32(out_features)
     w = torch.zeros(n, k, dtype=torch.float32, device=device)
     w[:out_features] = weight.to(device=device, dtype=torch.float32)
     if not torch.isfinite(w).all():
         raise Exl2Error("weight has NaN/inf entries")
     w = w.T[perm].contiguous()
-    groups = qparams.groups(k)
+    if prepared.cross is not None and not rtn:
+        upper = prepared.inv_upper
+        w.add_(upper.T @ (upper @ (prepared.cross @ w)), alpha=asymmetric_weight)
+        if not torch.isfinite(w).all():
+            raise Exl2Error("asymmetric calibration produced NaN/inf weights")
+    row_weights = None if rtn else torch.diagonal(prepared.inv_upper).square().reciprocal()
+    groups = choose_layout(w, qparams, layout, row_weights)
 
     codes = torch.empty(k, n, dtype=torch.int16, device=device)
     fake = torch.empty(k, n, dtype=torch.float32, device=device)
     qscale = torch.empty(len(groups), n, dtype=torch.int16, device=device)
     qscale_max = torch.empty(len(groups), dtype=torch.float16, device=device)
-    row_weights = None if rtn else torch.diagonal(prepared.inv_upper).square().reciprocal()
     start = 0
     for index, (bits, rows) in enumerate(groups):
         end = start + rows

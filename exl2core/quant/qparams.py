@@ -17,6 +17,15 @@ from exl2core.errors import Exl2Error
 #: ``exllamav2`` (its converter's choice exactly, ``gptq.search_scales``).
 SCALE_SEARCHES = ("hessian", "exllamav2")
 
+#: How the quantization pass fits each linear (``pipeline.quantize``): ``local`` (exllamav2's: on the
+#: inputs its block's unquantized weights give it), ``sequential`` (later linears of a block on what the
+#: quantized earlier ones produce) or ``asymmetric`` (sequential, to the unquantized model's output: GPTAQ).
+FITS = ("local", "sequential", "asymmetric")
+
+#: Group layouts of a setting (``quant.layout``): ``table`` (§1.2's) or ``hessian`` (the least expected
+#: GPTQ loss among layouts of exactly the same size).
+LAYOUTS = ("table", "hessian")
+
 #: Bit widths the 0.3.2 kernels can dequantize (§1.10).
 SUPPORTED_BITS = (8, 6, 5, 4, 3, 2)
 

@@ -1,0 +1,242 @@
+"""Measurement modes side by side: ``--measure exact`` (one block forward per candidate, exllamav2's
+method, Σ err² allocation) against ``--measure fast`` (Hessian-scored candidates, allocation by the KL
+predicted from each linear's output sensitivity), on real models and held-out text.
+
+    python bench/bench_allocation.py [--models smollm2 gemma3-270m] [--bits 2.5 3.0 4.0 5.0]
+        [-mr 4 -ml 512 -r 16 -l 512] [--eval-rows 8] [--work /tmp/bench_allocation] [--append-to FILE]
+
+Per model: one measurement per mode (``exl2 convert -om``, timed), then for each target one quantization
+per mode reusing that measurement (``-m``) with the same quantization rows, so only the allocation differs;
+each output is scored against the FP16 model on windows of the held-out text (``exl2core/data/eval``,
+never calibration data): perplexity, KL and top-1 agreement. Also reported: how well the fast mode's
+cheap scores rank each slot's candidates against the exact mode's forward-measured errors (Spearman,
+per slot), and the bits each mode gives each slot. Results are kept in ``WORK/results.json`` (a rerun
+skips finished steps) and the tables are appended to ``bench/RESULTS.md`` unless ``--append-to ''``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import MODELS  # noqa: E402
+
+from exl2core.eval.data import DEFAULT_DATA_NAME, load_text, token_windows  # noqa: E402
+from exl2core.eval.perplexity import evaluate  # noqa: E402
+from exl2core.model.exl2_weights import open_model  # noqa: E402
+
+MODES = ("exact", "fast")
+
+
+def convert(args: list[str], log: Path) -> tuple[float, float]:
+    """Run ``exl2 convert`` with ``args``; returns its wall time and CPU time (user + system) in seconds,
+    the latter less sensitive to other work on a shared machine (raises with the log's tail on failure)."""
+    started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "exl2core.cli", "convert", "--device", "cpu", *args],
+                              stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"exl2 convert failed ({log}):\n{log.read_text()[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.monotonic() - started, cpu
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation with average ranks for ties."""
+    def ranks(x: list[float]) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for value in np.unique(x):
+            tied = x == value
+            r[tied] = r[tied].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def slot_lists(measurement: dict) -> dict[str, list]:
+    """``{slot name: list}`` for a measurement or predicted-KL dict (parallel decoders: one per table)."""
+    out = {}
+    for key, value in measurement.items():
+        if isinstance(value, list):
+            out[key] = value
+        elif isinstance(value, dict):
+            out.update({f"{key}[{table}]": v for table, v in value.items()})
+    return out
+
+
+def rank_agreement(exact: dict, fast: dict) -> dict:
+    """Per slot, Spearman of the exact errors against the fast mode's Hessian error and predicted KL."""
+    exact_slots = slot_lists(exact["measurement"])
+    fast_slots = slot_lists(fast["measurement"])
+    kl_slots = slot_lists(fast["predicted_kl"])
+    hessian, kl = [], []
+    for name, records in exact_slots.items():
+        err = [1 - r["accuracy"] for r in records]
+        hessian.append(spearman(err, [1 - r["accuracy"] for r in fast_slots[name]]))
+        kl.append(spearman(err, kl_slots[name]))
+    return {"hessian": hessian, "kl": kl}
+
+
+def chosen_bpw(job_dir: Path) -> dict[str, float]:
+    """Bits per weight of the record chosen for each slot (strategy key[table])."""
+    state = json.loads((job_dir / "job.json").read_text())["state"]
+    out = {}
+    for key, record in state["strategy"].items():
+        out[key] = record["total_bits"]
+    return out
+
+
+def run_model(name: str, model_dir: Path, a, work: Path, results: dict, windows_cache: dict) -> None:
+    base = work / name
+    base.mkdir(parents=True, exist_ok=True)
+    res = results.setdefault(name, {"measure": {}, "quant": {}})
+    cal = ["-mr", str(a.measurement_rows), "-ml", str(a.measurement_length)]
+    for mode in MODES:
+        if mode in res["measure"]:
+            continue
+        seconds, cpu = convert(["-i", str(model_dir), "-o", str(base / f"meas-{mode}"), "-nr", "--measure", mode,
+                                "-om", str(base / f"meas-{mode}.json"), *cal], base / f"meas-{mode}.log")
+        res["measure"][mode] = {"seconds": seconds, "cpu_seconds": cpu}
+        save(work, results)
+    exact = json.loads((base / "meas-exact.json").read_text())
+    fast = json.loads((base / "meas-fast.json").read_text())
+    res["rank"] = rank_agreement(exact, fast)
+    ref = open_model(model_dir, "cpu")
+    key = str(model_dir)
+    if key not in windows_cache:
+        windows_cache[key] = token_windows(ref.source.tokenizer, load_text(None), a.length, a.eval_rows)
+    windows = windows_cache[key]
+    for bits in a.bits:
+        for mode in MODES:
+            tag = f"{mode}-{bits}"
+            if tag in res["quant"]:
+                continue
+            job, out = base / f"q-{tag}", base / f"q-{tag}-model"
+            seconds, cpu = convert(["-i", str(model_dir), "-o", str(job), "-nr", "-m", str(base / f"meas-{mode}.json"),
+                               "-b", str(bits), "-r", str(a.rows), "-l", str(a.length), "-cf", str(out)],
+                              base / f"q-{tag}.log")
+            state = json.loads((job / "job.json").read_text())["state"]
+            result = evaluate(open_model(out, "cpu"), windows, ref, data=DEFAULT_DATA_NAME)
+            res["quant"][tag] = {
+                "mode": mode, "bits": bits, "seconds": seconds, "cpu_seconds": cpu, "bpw": state["optimization"]["bpw"],
+                "predicted_kl": state["optimization"].get("predicted_kl"),
+                "perplexity": result.perplexity, "ref_perplexity": result.ref_perplexity,
+                "kl": result.kl_divergence, "top1": result.top1_agreement,
+                "slot_bits": chosen_bpw(job),
+            }
+            save(work, results)
+            print(f"{name} {tag}: KL {result.kl_divergence:.4f}, ppl {result.perplexity:.3f}", flush=True)
+
+
+def save(work: Path, results: dict) -> None:
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def report(results: dict, a, command: str) -> str:
+    lines = ["## Measurement modes: exact (forward per candidate) vs fast (Hessian + output sensitivity)", "",
+             f"`{command}` (2-core CPU; measurement {a.measurement_rows} × {a.measurement_length} tokens, "
+             f"quantization {a.rows} × {a.length}, held-out {a.eval_rows} × {a.length} tokens of "
+             f"{DEFAULT_DATA_NAME}; each quantization reuses its mode's measurement, so only the allocation "
+             "differs).", ""]
+    for name, res in results.items():
+        ex, fa = res["measure"]["exact"], res["measure"]["fast"]
+        rank = res["rank"]
+        lines += [f"### {name}", "",
+                  f"Measurement (`-om`, tokens and embeddings included): exact {ex['seconds']:.0f} s wall, "
+                  f"{ex['cpu_seconds']:.0f} s CPU; fast {fa['seconds']:.0f} s wall, {fa['cpu_seconds']:.0f} s CPU "
+                  f"({ex['cpu_seconds'] / fa['cpu_seconds']:.1f}× less CPU time).", "",
+                  "Ranking of each slot's candidates against the exact mode's measured error (Spearman over "
+                  f"{len(rank['kl'])} slots): Hessian error median {np.nanmedian(rank['hessian']):.3f} "
+                  f"(min {np.nanmin(rank['hessian']):.3f}); predicted KL median {np.nanmedian(rank['kl']):.3f} "
+                  f"(min {np.nanmin(rank['kl']):.3f}).", "",
+                  "| target | mode | bpw | predicted KL | KL | KL fast/exact | perplexity | top-1 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for bits in a.bits:
+            row = {m: res["quant"].get(f"{m}-{bits}") for m in MODES}
+            for mode in MODES:
+                q = row[mode]
+                if q is None:
+                    continue
+                ratio = (f"{q['kl'] / row['exact']['kl']:.2f}×" if mode == "fast" and row["exact"] else "")
+                pred = f"{q['predicted_kl']:.4f}" if q["predicted_kl"] is not None else "–"
+                lines.append(f"| {bits} | {mode} | {q['bpw']:.4f} | {pred} | {q['kl']:.4f} | {ratio} | "
+                             f"{q['perplexity']:.3f} | {100 * q['top1']:.2f} % |")
+        any_q = next(iter(res["quant"].values()))
+        lines += ["", f"FP16 perplexity {any_q['ref_perplexity']:.3f}.", ""]
+        mid = a.bits[len(a.bits) // 2 - 1] if len(a.bits) > 1 else a.bits[0]
+        ex_bits, fa_bits = res["quant"].get(f"exact-{mid}"), res["quant"].get(f"fast-{mid}")
+        if ex_bits and fa_bits:
+            lines += [f"Bits per weight of each slot at {mid} bpw (exact / fast):", "",
+                      "| slot | exact | fast |", "|---|---|---|"]
+            numel = slot_numel(results_model_dir(name))
+            for key in ex_bits["slot_bits"]:
+                lines.append(f"| {key} | {ex_bits['slot_bits'][key] / numel[key]:.2f} | "
+                             f"{fa_bits['slot_bits'][key] / numel[key]:.2f} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def results_model_dir(name: str) -> Path:
+    return MODELS[name]()
+
+
+def slot_numel(model_dir: Path) -> dict[str, int]:
+    """Weights per strategy key (output features padded to 32, as the size accounting counts them)."""
+    from exl2core.model.source import SourceModel
+    from exl2core.plugins import resolve_plan
+
+    plan = resolve_plan(SourceModel(model_dir).config)
+    out = {}
+    for module in plan.modules:
+        for slot in module.slots:
+            out[slot.key] = sum(lin.in_features * (-(-lin.out_features // 32) * 32)
+                                for lin in module.linears if lin.role in slot.roles)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 4.0, 5.0])
+    parser.add_argument("-mr", "--measurement-rows", type=int, default=4)
+    parser.add_argument("-ml", "--measurement-length", type=int, default=512)
+    parser.add_argument("-r", "--rows", type=int, default=16)
+    parser.add_argument("-l", "--length", type=int, default=512)
+    parser.add_argument("--eval-rows", type=int, default=8)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_allocation"))
+    parser.add_argument("--append-to", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    a = parser.parse_args()
+    torch.manual_seed(0)
+    a.work.mkdir(parents=True, exist_ok=True)
+    path = a.work / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    windows_cache: dict = {}
+    for name in a.models:
+        run_model(name, MODELS[name](), a, a.work, results, windows_cache)
+    text = report({n: results[n] for n in a.models}, a, "python bench/bench_allocation.py " + " ".join(sys.argv[1:]))
+    print(text)
+    (a.work / "results.md").write_text(text)
+    if a.append_to:
+        with open(a.append_to, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Hessians of a module's linear inputs for the quantization pass, optionally paired with the inputs the
+unquantized model gives the same linears (asymmetric calibration, ``gptq.Hessian``).
+
+The reference stream is the unquantized model's hidden states: each row runs through the module twice,
+once with the reference weights on the reference row (its linear inputs are kept for that row only), once
+with the current weights on the quantized row, whose inputs accumulate the Hessians and the cross terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from exl2core.errors import Exl2Error
+from exl2core.pipeline.hidden import HiddenStates
+from exl2core.plan import Module
+from exl2core.quant.gptq import Hessian
+
+
+@dataclass
+class Collected:
+    """What one pass over the rows gathered: Hessians by capture name, the module's outputs on the
+    quantized rows, with a reference stream its outputs on the reference rows, and the reference inputs
+    kept for a later pass (one dict per row)."""
+
+    hessians: dict[str, Hessian]
+    outputs: list[torch.Tensor]
+    reference_outputs: list[torch.Tensor] | None
+    reference_inputs: list[dict[str, torch.Tensor]] | None = None
+
+
+def first_input(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates) -> str:
+    """The linear input the forward reports first (the one no linear of the module produces), found on
+    one token of the first row."""
+    inputs = {lin.input for lin in module.linears}
+    order: list[str] = []
+    with torch.inference_mode():
+        fwd(module, weights, states.row(0)[:, :1], lambda name, x: order.append(name) if name in inputs else None)
+    if not order:
+        raise Exl2Error(f"{module.key}: the forward reported none of its linears' inputs")
+    return order[0]
+
+
+def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates, *,
+            inputs: set[str] | None = None, reference: HiddenStates | None = None,
+            reference_weights: dict[str, torch.Tensor] | None = None,
+            paired: set[str] = frozenset(), keep: set[str] = frozenset(),
+            reference_inputs: list[dict[str, torch.Tensor]] | None = None) -> Collected:
+    """Run ``module`` over every row, accumulating a Hessian per captured name (only ``inputs`` when
+    given). Names in ``paired`` get the cross term with the reference stream's input to the same linear:
+    from ``reference_inputs`` (kept by an earlier pass) when given, else from running ``reference`` with
+    ``reference_weights``, whose outputs are then returned, as are its inputs named in ``keep``."""
+    if paired and reference is None and reference_inputs is None:
+        raise ValueError("paired Hessians need a reference stream")
+    run_reference = reference is not None and reference_inputs is None
+    reported = {slot.output for slot in module.slots if slot.output}
+    hessians: dict[str, Hessian] = {}
+    ref_inputs: dict[str, torch.Tensor] = {}
+
+    def wanted(name: str) -> bool:
+        return name not in reported and (inputs is None or name in inputs)
+
+    def keep_reference(name: str, x: torch.Tensor) -> None:
+        if name in paired or name in keep:
+            ref_inputs[name] = x
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        if not wanted(name):
+            return
+        if name not in hessians:
+            hessians[name] = Hessian(x.shape[-1], x.device, asymmetric=name in paired)
+        ref = ref_inputs.get(name)
+        hessians[name].add(x, None if ref is None else ref.to(x.device))
+
+    outputs = []
+    ref_outputs = [] if run_reference else None
+    kept = [] if run_reference and keep else None
+    with torch.inference_mode():
+        for i in range(len(states)):
+            ref_inputs.clear()
+            if reference_inputs is not None:
+                ref_inputs.update(reference_inputs[i])
+            elif run_reference:
+                y_ref = fwd(module, reference_weights, reference.row(i), keep_reference)
+                _check_finite(module, y_ref, i)
+                ref_outputs.append(y_ref.to(reference.rows[i].device))
+                if kept is not None:
+                    kept.append({n: x.to(reference.rows[i].device) for n, x in ref_inputs.items() if n in keep})
+            y = fwd(module, weights, states.row(i), accumulate)
+            _check_finite(module, y, i)
+            outputs.append(y.to(states.rows[i].device))
+    return Collected(hessians, outputs, ref_outputs, kept)
+
+
+def _check_finite(module: Module, y: torch.Tensor, row: int) -> None:
+    if not torch.isfinite(y.sum(dtype=torch.float32)):
+        raise Exl2Error(f"{module.key}: non-finite activations in calibration row {row} "
+                        "(the source model overflows in this precision)")

@@ -1,0 +1,100 @@
+"""The quantizer's options end to end on a tiny Llama: output error against the FP model, exact sizes,
+settings and byte-identical resume with the unquantized hidden states in the checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from exl2core.cli import main
+from exl2core.eval.data import load_text, token_windows
+from exl2core.model.exl2_weights import open_model
+from exl2core.model.source import SourceModel
+from exl2core.model.streaming import forward_logits
+from exl2core.pipeline.job import Job, Settings
+from exl2core.plugins import resolve_plan
+
+from test_convert import decoder_bits, kl
+from test_resume import digest, run
+
+pytestmark = pytest.mark.slow
+
+MEASURE = ["-mr", "3", "-ml", "64", "--device", "cpu"]
+QUANT = ["-r", "32", "-l", "64", "-b", "2.5"]
+OPTIONS = {"previous": ["--fit", "local", "--bit-layout", "table"],
+           "asymmetric": ["--fit", "asymmetric", "--bit-layout", "table"],
+           "layout": ["--fit", "local", "--bit-layout", "hessian"],
+           "both": ["--fit", "asymmetric", "--bit-layout", "hessian"]}
+
+
+@pytest.fixture(scope="module")
+def measured(convert_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("measure_options")
+    assert main(["convert", "-i", str(convert_model), "-o", str(work / "job"), "-om", str(work / "m.json"),
+                 *MEASURE]) == 0
+    return work / "m.json"
+
+
+@pytest.fixture(scope="module")
+def kl_by_option(convert_model, measured, tmp_path_factory):
+    """KL to the FP model on held-out text of each option's EXL2 model (one shared measurement)."""
+    source = SourceModel(convert_model)
+    plan = resolve_plan(source.config)
+    ids = token_windows(source.tokenizer, load_text(), 64, 8)
+    ref = forward_logits(source, plan, ids)
+    result = {}
+    for name, extra in OPTIONS.items():
+        work = tmp_path_factory.mktemp(name)
+        assert main(["convert", "-i", str(convert_model), "-o", str(work / "job"), "-m", str(measured),
+                     "-cf", str(work / "out"), *QUANT, "--device", "cpu", *extra]) == 0
+        state = json.loads((work / "job" / "job.json").read_text())["state"]
+        bits, numel = decoder_bits(work / "out", plan)
+        assert bits / numel == pytest.approx(state["optimization"]["bpw"], rel=1e-12)  # sizes stay exact
+        result[name] = kl(ref, open_model(work / "out").logits(ids, dtype=torch.float32, device="cpu"))
+    return result
+
+
+@pytest.mark.parametrize("option", ["asymmetric", "layout", "both"])
+def test_each_option_lowers_the_output_error(kl_by_option, option):
+    assert kl_by_option[option] < 0.97 * kl_by_option["previous"]
+
+
+def test_asymmetric_fit_gains_most(kl_by_option):
+    assert kl_by_option["asymmetric"] < 0.85 * kl_by_option["previous"]
+    assert kl_by_option["both"] < kl_by_option["asymmetric"]
+
+
+def test_jobs_without_the_quantizer_settings_read_as_exllamav2s_fit_and_layout(tmp_path):
+    Job.open(tmp_path / "job", Settings(in_dir="/m"))
+    job_file = tmp_path / "job" / "job.json"
+    saved = json.loads(job_file.read_text())
+    del saved["settings"]["fit"], saved["settings"]["layout"]
+    job_file.write_text(json.dumps(saved))
+    job = Job.open(tmp_path / "job", Settings(in_dir="/m", fit="local", layout="table"))
+    assert (job.settings.fit, job.settings.layout) == ("local", "table")
+
+
+def test_bad_fit_is_a_clear_error(convert_model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "-i", str(convert_model), "-o", str(tmp_path / "job"), "--fit", "gptaq"])
+    assert "invalid choice: 'gptaq'" in capsys.readouterr().err
+
+
+def test_asymmetric_job_killed_in_quantization_resumes_byte_identical(convert_model, measured, tmp_path):
+    """Checkpoints then hold both hidden-state streams; a resumed job equals an uninterrupted one."""
+    common = ["-m", str(measured), *QUANT, "--device", "cpu", "--checkpoint-interval", "0",
+              "--status-json", *OPTIONS["both"]]
+    assert run(["-i", str(convert_model), "-o", str(tmp_path / "ref"), "-cf", str(tmp_path / "ref_out"),
+                *common]) == 0
+    args = ["-i", str(convert_model), "-o", str(tmp_path / "job"), "-cf", str(tmp_path / "out"), *common]
+    for completion in (0.4, 0.7):
+        assert run(args, ("Quantizing", completion)) == -9
+    state = json.loads((tmp_path / "job" / "job.json").read_text())["state"]
+    assert state["progress"] == "quant" and state["q_last_module_idx"] > 0
+    with safe_open(str(tmp_path / "job" / state["hidden_states"]), "pt") as f:
+        assert set(f.keys()) == {"hidden", "reference"}
+    assert run(args) == 0
+    assert digest(tmp_path / "out") == digest(tmp_path / "ref_out")
