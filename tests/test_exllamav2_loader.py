@@ -16,6 +16,7 @@ default ``~/.cache/exl2core/wheels``), else ``pip download`` fills that cache; w
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -126,6 +127,7 @@ class StubExtension:
     """What the stub extension saw: one Upload per ``make_q_matrix`` handle."""
 
     uploads: dict[int, Upload] = field(default_factory=dict)
+    handles: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def module(self) -> types.ModuleType:
         stub = types.ModuleType("exllamav2_ext")
@@ -155,7 +157,7 @@ class StubExtension:
         has_bias = not bias.is_meta
         if has_bias:
             assert bias.dtype == torch.float16 and bias.shape[0] == q_weight.shape[1], "bad bias"
-        handle = len(self.uploads) + 1 + max(self.uploads, default=0)
+        handle = next(self.handles)
         self.uploads[handle] = Upload(q_weight.clone(), q_perm.clone(), q_invperm.clone(), q_scale.clone(),
                                       q_scale_max.clone(), q_groups.clone(), q_group_map.clone(),
                                       bias.clone() if has_bias else None)
