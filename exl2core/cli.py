@@ -50,6 +50,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table: group bit widths as the candidate table lays them out; hessian: rows moved "
                         "between the setting's widths and group sizes where GPTQ's error model gains, same size")
+    p.add_argument("--measure", default="exact", metavar="{fast,exact}",
+                   help="fast: score candidates on GPTQ's Hessians and allocate bits by predicted KL from "
+                        "the model's output sensitivity; exact: one block forward per candidate, as "
+                        "exllamav2 (default)")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")
@@ -77,7 +81,7 @@ def _convert(args) -> int:
         compile_full=args.compile_full, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
         output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
         seed=args.seed, scale_search=args.scale_search, fit=args.fit,
-        layout=args.bit_layout, cal_mix=args.cal_mix)
+        layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = Runtime(device=device, gpu_rows=args.gpu_rows, checkpoint_interval=args.checkpoint_interval,
                       status_json=args.status_json)

@@ -25,10 +25,11 @@ from exl2core.pipeline import compile as compile_stage
 from exl2core.pipeline.calibration import RowPurpose, calibration_rows, describe_dataset
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import Job, Settings, load_tensors, save_tensors, write_json
-from exl2core.pipeline.measure import candidates_of, measure_module
+from exl2core.pipeline.measure import MEASURE_MODES, candidates_of, estimate_module, measure_module
 from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of, plan_strategy
 from exl2core.pipeline.progress import Reporter
 from exl2core.pipeline.quantize import QuantizerOptions, perplexity_verdict, quantize_module
+from exl2core.pipeline.sensitivity import Sensitivity, measure_sensitivity, sensitivity_rows, sensitivity_steps
 from exl2core.quant.qparams import FITS, HEAD_OPTIONS, LAYOUTS, TABLES, pad32, table_setting
 
 HEAD_BITS = tuple(sorted(HEAD_OPTIONS))
@@ -72,6 +73,8 @@ def validate_settings(s: Settings) -> None:
         raise Exl2Error(f"fit must be one of {', '.join(FITS)}, not {s.fit!r}")
     if s.layout not in LAYOUTS:
         raise Exl2Error(f"bit layout must be one of {', '.join(LAYOUTS)}, not {s.layout!r}")
+    if s.measure not in MEASURE_MODES:
+        raise Exl2Error(f"measurement mode must be one of {', '.join(MEASURE_MODES)}, not {s.measure!r}")
     if s.output_measurement and s.compile_full:
         raise Exl2Error("-om (measure only) and -cf (compile) cannot be combined")
 
@@ -115,8 +118,9 @@ class Converter:
 
     def begin(self) -> None:
         if self.s.measurement:
-            measurement = load_measurement(self.s.measurement, self.plan)
-            self.job.advance("optimize", measurement=measurement)
+            measurement, predicted = load_measurement(self.s.measurement, self.plan)
+            extra = {"predicted_kl": predicted} if predicted is not None else {}
+            self.job.advance("optimize", measurement=measurement, **extra)
         else:
             self.job.advance("measure_tokens")
 
@@ -140,6 +144,9 @@ class Converter:
         modules = self.plan.modules
         start = self.job.state["last_module_idx"] + 1
         measurement = dict(self.job.state["measurement"])
+        fast = self.s.measure == "fast"
+        sensitivity = self._sensitivity() if fast else None
+        predicted = dict(self.job.state.get("predicted_kl") or {})
         total = sum(candidates_of(m) + 1 for m in modules[1:])
         done = sum(candidates_of(m) + 1 for m in modules[1:start])
         self.report.stage("Measuring", total, done)
@@ -153,8 +160,14 @@ class Converter:
                 self.report.advance()
                 continue
             weights = self.source.module_weights(module, self.dtype, self.device)
-            record, outputs = measure_module(module_forward(module), module, weights, states,
-                                             on_candidate=self.report.advance, search=self.s.scale_search)
+            if fast:
+                record, kl, outputs = estimate_module(module_forward(module), module, weights, states, sensitivity,
+                                                      on_candidate=self.report.advance, search=self.s.scale_search)
+                if kl is not None:
+                    predicted[module.measurement_key] = kl
+            else:
+                record, outputs = measure_module(module_forward(module), module, weights, states,
+                                                 on_candidate=self.report.advance, search=self.s.scale_search)
             self.report.advance()
             if module.slots:
                 best = max(r["accuracy"] for recs in _record_lists(record) for r in recs)
@@ -165,15 +178,20 @@ class Converter:
             states = states.replaced(outputs)
             del weights
             if idx < len(modules) - 1 and time.monotonic() - last_save >= self.rt.checkpoint_interval:
-                self._checkpoint(states, idx, "last_module_idx", measurement=measurement)
+                self._checkpoint(states, idx, "last_module_idx", measurement=measurement,
+                                 **({"predicted_kl": predicted} if fast else {}))
                 last_save = time.monotonic()
         result = {"measurement": measurement, "last_module_idx": len(modules) - 1}
+        if fast:
+            # exllamav2 reads only the two keys above; the predicted KL travels beside them for -m.
+            result["predicted_kl"] = predicted
         write_json(self.job.path("measurement.json"), result)
         if self.s.output_measurement:
             target = Path(self.s.output_measurement)
             write_json(target / "measurement.json" if target.is_dir() else target, result)
         self._finish_pass("finished" if self.s.output_measurement else "optimize",
-                          measurement=measurement, last_module_idx=len(modules) - 1)
+                          measurement=measurement, last_module_idx=len(modules) - 1,
+                          **({"predicted_kl": predicted} if fast else {}))
 
     def optimize(self) -> None:
         slots, keys = [], []
@@ -188,11 +206,16 @@ class Converter:
             raise Exl2Error(f"target {self.s.bits} bpw is outside what the candidate tables reach for this "
                             f"model ({lo:.3f}–{hi:.3f} bpw)")
         self.report.stage("Optimizing", 1)
-        choices, summary = plan_strategy(measurement, keys, numel, self.s.bits)
+        predicted = self.job.state.get("predicted_kl")
+        choices, summary = plan_strategy(measurement, keys, numel, self.s.bits, predicted_kl=predicted)
         strategy = {slot.key: choices[i] for i, slot in enumerate(slots)}
         self.report.advance()
-        self.report.log(f"bit allocation: {summary['bpw']:.4f} bpw for target {self.s.bits} "
-                        f"(Σ error {summary['sum_err']:.5f}, max error {summary['max_err']:.5f})")
+        if predicted:
+            self.report.log(f"bit allocation: {summary['bpw']:.4f} bpw for target {self.s.bits} "
+                            f"(predicted KL {summary['predicted_kl']:.5f} nats/token)")
+        else:
+            self.report.log(f"bit allocation: {summary['bpw']:.4f} bpw for target {self.s.bits} "
+                            f"(Σ error {summary['sum_err']:.5f}, max error {summary['max_err']:.5f})")
         self.job.advance("quant_tokens", strategy=strategy, optimization=summary)
 
     def quantize(self) -> None:
@@ -268,6 +291,22 @@ class Converter:
 
     # -- helpers ----------------------------------------------------------------------------------------
 
+    def _sensitivity(self) -> Sensitivity:
+        """The output sensitivity of every measured linear, computed once per job (fast measurement)."""
+        name = "sensitivity.safetensors"
+        if self.job.state.get("sensitivity") == name:
+            return Sensitivity.load(self.job.path(name))
+        ids = sensitivity_rows(load_tensors(self.job.path("cal_data.safetensors"))["input_ids"])
+        self.report.stage("Sensitivity", sensitivity_steps(self.plan))
+        started = time.monotonic()
+        sensitivity = measure_sensitivity(self.plan, lambda m: self.source.module_weights(m, self.dtype, self.device),
+                                          ids, self.device, self.s.seed, on_module=self.report.advance)
+        sensitivity.save(self.job.path(name))
+        self.job.update(sensitivity=name)
+        self.report.log(f"output sensitivity from {ids.shape[0]} × {ids.shape[1]} tokens "
+                        f"in {time.monotonic() - started:.1f} s")
+        return sensitivity
+
     def _tokens(self, rows: int, length: int, noise: int, purpose: RowPurpose) -> None:
         ids = calibration_rows(self.source.tokenizer, self.plan.config.vocab_size or
                                self.source.shape(self.plan.modules[0].tensors["embed"])[0],
@@ -328,15 +367,18 @@ def _record_lists(record) -> list[list[dict]]:
     return list(record.values()) if isinstance(record, dict) else [record]
 
 
-def load_measurement(path: str | Path, plan: ModelPlan) -> dict:
-    """Read a measurement.json (ours or exllamav2's) and check it describes this model."""
+def load_measurement(path: str | Path, plan: ModelPlan) -> tuple[dict, dict | None]:
+    """Read a measurement.json (ours or exllamav2's) and check it describes this model; returns the
+    records and, for a fast measurement of ours, the predicted KL of each record (else None)."""
     path = Path(path)
     if path.is_dir():
         path = path / "measurement.json"
     try:
-        measurement = json.loads(path.read_text())["measurement"]
+        saved = json.loads(path.read_text())
+        measurement = saved["measurement"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Exl2Error(f"{path}: not a readable measurement.json ({e})") from None
+    predicted = saved.get("predicted_kl")
     for module in plan.modules:
         if not module.slots:
             continue
@@ -355,7 +397,13 @@ def load_measurement(path: str | Path, plan: ModelPlan) -> dict:
             if int(records[0]["total_bits"]) != want:
                 raise Exl2Error(f"{path} does not match this model: {module.measurement_key} sizes differ "
                                 "(measured on a model with other layer shapes)")
-    return measurement
+            if predicted is not None:
+                kl = predicted.get(module.measurement_key)
+                kl = kl.get(slot.table) if len(module.slots) > 1 and isinstance(kl, dict) else kl
+                if not isinstance(kl, list) or len(kl) != expected:
+                    raise Exl2Error(f"{path}: its predicted_kl does not match its records for "
+                                    f"{module.measurement_key}")
+    return measurement, predicted
 
 
 def convert(settings: Settings, out_dir: str | Path, runtime: Runtime, *, restart: bool = False) -> dict:

@@ -53,6 +53,8 @@ class Settings:
     layout: str = field(default="table", metadata={"stage": "quant"})
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); the first stage it affects.
     cal_mix: str = field(default=DEFAULT_MIX, metadata={"stage": "measure_tokens"})
+    # ``measure.MEASURE_MODES``; jobs from before the option measured exactly.
+    measure: str = field(default="exact", metadata={"stage": "measure"})
 
     def differences(self, other: "Settings") -> list[str]:
         return [f"{f.name}: {getattr(other, f.name)!r} (job) vs {getattr(self, f.name)!r} (now)"
@@ -133,7 +135,8 @@ class Job:
                 raise Exl2Error(f"{job_path} is unreadable ({e}); rerun with -nr to start over") from None
             # Jobs from before the scale-search setting quantized with exllamav2's search, and jobs from
             # before the mix setting calibrated with mix v1.
-            old = Settings(**{"scale_search": "exllamav2", "cal_mix": LEGACY_MIX, **saved["settings"]})
+            old = Settings(**{"scale_search": "exllamav2", "cal_mix": LEGACY_MIX, "measure": "exact",
+                                **saved["settings"]})
             diff = settings.differences(old)
             if diff:
                 raise Exl2Error(f"{directory} holds a job with other settings ({'; '.join(diff)}); "
