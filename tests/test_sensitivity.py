@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from exl2core.modules.forward import module_forward
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.measure import estimate_module, measure_module
 from exl2core.pipeline.runner import forward_rows, prepare_hessians
-from exl2core.pipeline.sensitivity import Sensitivity, measure_sensitivity, sensitivity_rows, sensitivity_steps
+from exl2core.pipeline.sensitivity import (SENSITIVITY_MEMORY, Sensitivity, measure_sensitivity, sensitivity_rows,
+                                           sensitivity_steps)
 from exl2core.plugins import resolve_plan
 from exl2core.quant.gptq import quantize_linear
 from exl2core.quant.qparams import TABLES, table_setting
@@ -79,11 +81,16 @@ def test_sensitivity_is_deterministic_and_saved_exactly(tiny_llama, tmp_path):
         assert torch.equal(g, b.grads[key]) and torch.equal(g, c.grads[key])
 
 
-def test_sensitivity_rows_skip_noise_rows_and_bound_tokens():
+def test_sensitivity_rows_skip_noise_rows_and_bound_tokens_and_memory(tiny_llama):
+    _, plan = _open(tiny_llama)
     ids = torch.arange(40 * 1024).view(40, 1024)
     ids[0, 0] = -1
-    rows = sensitivity_rows(ids)
+    rows = sensitivity_rows(ids, plan, 4)
     assert rows.shape == (8, 1024) and bool((rows[:, 0] >= 0).all()) and torch.equal(rows[0], ids[1])
+    wide = replace(plan, config=replace(plan.config, hidden_size=4096), modules=plan.modules * 40)
+    per_token = 4096 * len(wide.modules) * 4  # between the minimum and one 1024-token row
+    rows = sensitivity_rows(ids, wide, 4)
+    assert rows.shape == (1, SENSITIVITY_MEMORY // per_token) and torch.equal(rows[0], ids[1, :rows.shape[1]])
 
 
 def test_predicted_kl_of_a_weight_error_matches_the_models_kl(tiny_llama):

@@ -296,7 +296,8 @@ class Converter:
         name = "sensitivity.safetensors"
         if self.job.state.get("sensitivity") == name:
             return Sensitivity.load(self.job.path(name))
-        ids = sensitivity_rows(load_tensors(self.job.path("cal_data.safetensors"))["input_ids"])
+        ids = sensitivity_rows(load_tensors(self.job.path("cal_data.safetensors"))["input_ids"], self.plan,
+                               self.dtype.itemsize)
         self.report.stage("Sensitivity", sensitivity_steps(self.plan))
         started = time.monotonic()
         sensitivity = measure_sensitivity(self.plan, lambda m: self.source.module_weights(m, self.dtype, self.device),

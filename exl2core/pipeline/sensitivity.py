@@ -31,8 +31,12 @@ from exl2core.modules.linear import observe_linear_outputs
 from exl2core.plan import ModelPlan, Module
 from exl2core.pipeline.job import load_tensors, save_tensors
 
-#: Calibration tokens the sensitivity pass reads at most (whole rows; at least one row).
+#: Calibration tokens the sensitivity pass reads at most.
 SENSITIVITY_TOKENS = 8192
+#: Host memory for the module inputs the backward pass replays; wide, deep models read fewer tokens.
+SENSITIVITY_MEMORY = 4 << 30
+#: Tokens read however little memory that leaves.
+MIN_SENSITIVITY_TOKENS = 512
 #: Tokens per chunk of the final norm and head, whose logits are vocabulary-wide.
 HEAD_CHUNK = 256
 
@@ -58,11 +62,16 @@ class Sensitivity:
         return cls(load_tensors(path))
 
 
-def sensitivity_rows(ids: torch.Tensor) -> torch.Tensor:
-    """The calibration rows the pass reads: real text rows only (noise rows start with a negative id),
-    as many as fit in ``SENSITIVITY_TOKENS``."""
+def sensitivity_rows(ids: torch.Tensor, plan: ModelPlan, element_size: int) -> torch.Tensor:
+    """The calibration tokens the pass reads: real text rows only (noise rows start with a negative id),
+    at most ``SENSITIVITY_TOKENS`` and as many as the kept inputs of ``plan``'s modules (hidden size ×
+    modules × ``element_size`` bytes a token) fit in ``SENSITIVITY_MEMORY``; rows are cut short (a
+    prefix of a causal row is a valid row) when one whole row does not fit."""
     real = ids[ids[:, 0] >= 0]
-    return real[: max(1, SENSITIVITY_TOKENS // ids.shape[1])]
+    per_token = plan.config.hidden_size * len(plan.modules) * element_size
+    tokens = max(MIN_SENSITIVITY_TOKENS, min(SENSITIVITY_TOKENS, SENSITIVITY_MEMORY // per_token))
+    length = min(real.shape[1], tokens)
+    return real[: max(1, tokens // length), :length]
 
 
 def sensitivity_steps(plan: ModelPlan) -> int:
