@@ -4,9 +4,10 @@ for the scale-search sums and the matmul)."""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from exl2core import kernels
 from exl2core.cli import main
 from exl2core.errors import Exl2Error
-from exl2core.kernels import build
+from exl2core.kernels import build, selfcheck
 from exl2core.quant import gptq, pack
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.qparams import table_setting
@@ -26,41 +27,41 @@ ALL_BITS = (2, 3, 4, 5, 6, 8)
 
 @pytest.fixture
 def fresh_loader():
-    """A loader that has not decided yet, restored to undecided afterwards."""
+    """A loader (and kernel self-check) that has not decided yet, restored to undecided afterwards."""
     build.reset()
+    selfcheck.reset()
     yield build
     build.reset()
+    selfcheck.reset()
 
 
-def load_warnings(count: int = 2) -> tuple[list, list[warnings.WarningMessage]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        results = [build.load_extension() for _ in range(count)]
-    return results, [w for w in caught if "CUDA kernels" in str(w.message)]
+def load_lines(capsys, count: int = 2) -> tuple[list, list[str]]:
+    """``count`` loads and the stderr lines they printed."""
+    results = [build.load_extension() for _ in range(count)]
+    return results, capsys.readouterr().err.splitlines()
 
 
 # -- loader -------------------------------------------------------------------------------------------
 
 
-def test_loader_without_cuda_warns_once(fresh_loader, monkeypatch):
+def test_loader_without_cuda_says_so_once(fresh_loader, monkeypatch, capsys):
     monkeypatch.delenv(build.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    results, caught = load_warnings()
+    results, lines = load_lines(capsys)
     assert results == [None, None]
-    assert len(caught) == 1
-    assert "CUDA is not available" in str(caught[0].message) and "PyTorch path" in str(caught[0].message)
+    assert lines == ["exl2core: CUDA kernels not used (CUDA is not available); using the PyTorch path"]
 
 
-def test_env_override_forces_reference_without_building(fresh_loader, monkeypatch):
+def test_env_override_forces_reference_without_building(fresh_loader, monkeypatch, capsys):
     monkeypatch.setenv(build.DISABLE_ENV, "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(build, "build_extension", lambda **_: pytest.fail("must not build"))
-    results, caught = load_warnings()
+    results, lines = load_lines(capsys)
     assert results == [None, None]
-    assert len(caught) == 1 and "EXL2_NO_KERNELS=1" in str(caught[0].message)
+    assert len(lines) == 1 and "EXL2_NO_KERNELS=1" in lines[0]
 
 
-def test_build_failure_warns_once_with_reason(fresh_loader, monkeypatch):
+def test_build_failure_is_one_line_with_reason(fresh_loader, monkeypatch, capsys):
     monkeypatch.delenv(build.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
@@ -68,9 +69,9 @@ def test_build_failure_warns_once_with_reason(fresh_loader, monkeypatch):
         raise Exl2Error("building the CUDA kernels failed: nvcc fatal: unsupported gpu architecture")
 
     monkeypatch.setattr(build, "build_extension", fail)
-    results, caught = load_warnings()
-    assert results == [None, None] and len(caught) == 1
-    assert "unsupported gpu architecture" in str(caught[0].message)
+    results, lines = load_lines(capsys)
+    assert results == [None, None] and len(lines) == 1
+    assert lines[0].startswith("exl2core: CUDA kernels not used (") and "unsupported gpu architecture" in lines[0]
     assert "unsupported gpu architecture" in build.load_result().reason
 
 
@@ -238,7 +239,153 @@ def test_doctor_without_cuda_reports_reference_path(capsys, monkeypatch, fresh_l
     monkeypatch.delenv(build.DISABLE_ENV, raising=False)
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    assert "CUDA available: no" in out and "not used (CUDA is not available" in out
+    assert re.search(r"^CUDA available: +no$", out, re.M) and "not used (CUDA is not available" in out
+    for name in selfcheck.KERNELS:
+        assert re.search(rf"^  {name}: +PyTorch path \(extension not loaded\)$", out, re.M), name
+
+
+# -- self-check: a wrong kernel is disabled, the PyTorch path runs -------------------------------------
+
+
+def _layout_of(bits: torch.Tensor, row_start: torch.Tensor, rows: int) -> tuple[list[int], list[int]]:
+    starts = row_start.tolist() + [rows]
+    return bits.tolist(), [b - a for a, b in zip(starts, starts[1:])]
+
+
+def _q_groups(bits: torch.Tensor, qrow_start: torch.Tensor) -> torch.Tensor:
+    return torch.stack([bits, qrow_start], 1).reshape(-1).to(torch.int16)
+
+
+def _weight(q_weight, q_scale, scale_max, invperm, bits, qrow_start) -> torch.Tensor:
+    """The reference dequantization from the extension's arguments (scale_max already holds /256)."""
+    tensors = {"q_weight": q_weight, "q_scale": q_scale, "q_scale_max": (scale_max.float() * 256).half(),
+               "q_groups": _q_groups(bits, qrow_start), "q_invperm": invperm}
+    return pack.dequantize(tensors)
+
+
+class FakeExtension:
+    """CPU stand-ins with the extension's signatures, computing the reference (``wrong`` names kernels
+    whose result is corrupted in one element); ``calls`` counts each kernel's calls."""
+
+    def __init__(self, wrong: tuple[str, ...] = (), raises: tuple[str, ...] = ()):
+        self.wrong, self.raises = wrong, raises
+        self.calls = dict.fromkeys(selfcheck.KERNELS, 0)
+
+    def _result(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        self.calls[name] += 1
+        if name in self.raises:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if name in self.wrong:
+            value = value.clone()
+            value.view(-1)[value.numel() // 2] += 1
+        return value
+
+    def quantize_rows(self, w, scale, diag, zero, maxq, codes, q, err):
+        gptq.quantize_rows(w, scale, zero, maxq, diag, out=(codes, q, err))
+        self._result("quantize_rows", q)
+        if "quantize_rows" in self.wrong:
+            q.view(-1)[0] += 1
+
+    def grid_errors(self, x, multipliers, column_scale, zero, maxq):
+        return self._result("grid_errors", gptq.grid_errors(x, multipliers, column_scale, zero, maxq))
+
+    def pack_codes(self, codes, bits, row_start, qrow_start, word_group):
+        group_bits, group_rows = _layout_of(bits, row_start, codes.shape[0])
+        return self._result("pack_codes", pack.pack_codes(codes, group_bits, group_rows))
+
+    def unpack_codes(self, q_weight, bits, row_start, qrow_start, row_group):
+        codes, _, _ = pack.unpack_codes(q_weight, _q_groups(bits, qrow_start))
+        return self._result("unpack_codes", codes)
+
+    def dequantize(self, q_weight, q_scale, scale_max, invperm, bits, row_start, qrow_start, row_group):
+        return self._result("dequantize", _weight(q_weight, q_scale, scale_max, invperm, bits, qrow_start))
+
+    def exl2_matmul(self, x, perm, q_weight, q_scale, scale_max, bits, qrow_start, row_start, chunk_group):
+        weight = _weight(q_weight, q_scale, scale_max, torch.argsort(perm.long()).int(), bits, qrow_start)
+        return self._result("exl2_matmul", (x.float() @ weight.float().T).half())
+
+
+DISABLED_LINE = r"^exl2core: CUDA kernel {} disabled \(.+\); using the PyTorch path$"
+
+
+def test_correct_kernels_pass_their_self_check(fresh_loader, capsys):
+    fake = FakeExtension()
+    checked = selfcheck.install(fake, "cpu")
+    assert capsys.readouterr().err == ""
+    assert all(state.usable for state in checked.states.values())
+    assert all(count == selfcheck.CASES for count in fake.calls.values())
+    assert "bit-exact" in checked.states["dequantize"].detail
+    assert "rtol" in checked.states["grid_errors"].detail
+
+
+def test_wrong_kernel_result_is_disabled_with_one_line_and_the_reference_runs(fresh_loader, capsys):
+    fake = FakeExtension(wrong=("dequantize",))
+    checked = selfcheck.install(fake, "cpu")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and re.match(DISABLED_LINE.format("dequantize"), lines[0]), lines
+    assert "differs from the PyTorch reference: weight: 1 of" in lines[0] and "not bit-exact" in lines[0]
+    assert [n for n, s in checked.states.items() if not s.usable] == ["dequantize"]
+
+    tensors = random_layer([6, 4, 2], [32, 64, 32], 64, seed=5)
+    before = dict(fake.calls)
+    got = kernels.dequantize(tensors)
+    assert torch.equal(got.view(torch.int16), pack.dequantize(tensors).view(torch.int16))
+    assert fake.calls["dequantize"] == before["dequantize"]  # the disabled kernel is not called again
+    codes, _, _ = kernels.unpack_codes(tensors["q_weight"], tensors["q_groups"])
+    assert fake.calls["unpack_codes"] == before["unpack_codes"] + 1  # a kernel that passed is used
+    assert torch.equal(codes, pack.unpack_codes(tensors["q_weight"], tensors["q_groups"])[0])
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)).half()
+    kernels.exl2_matmul(x, tensors)
+    assert fake.calls["exl2_matmul"] == before["exl2_matmul"] + 1
+    assert capsys.readouterr().err == ""  # the warning is printed once, at the check
+
+
+def test_kernel_that_raises_is_disabled(fresh_loader, capsys):
+    checked = selfcheck.install(FakeExtension(raises=("exl2_matmul",), wrong=("quantize_rows",)), "cpu")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert re.match(DISABLED_LINE.format("quantize_rows"), lines[0])
+    assert re.match(DISABLED_LINE.format("exl2_matmul"), lines[1]) and "illegal memory access" in lines[1]
+    w, scale = rows_and_scale(4, 2, 32, 0)
+    codes, q, _ = kernels.quantize_group(w, scale, 8, 15)
+    assert torch.equal(q, gptq.quantize_rows(w, scale, 8, 15)[1])
+    assert not checked.states["exl2_matmul"].usable
+
+
+def test_doctor_shows_each_kernel_state(fresh_loader, monkeypatch, capsys):
+    monkeypatch.delenv(build.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake = FakeExtension(wrong=("grid_errors",))
+    monkeypatch.setattr(selfcheck, "checked_extension", lambda: selfcheck.install(fake, "cpu"))
+    assert main(["doctor"]) == 0
+    captured = capsys.readouterr()
+    assert re.search(DISABLED_LINE.format("grid_errors"), captured.err, re.M)
+    out = captured.out
+    assert "loaded (5 of 6 kernels passed their self-check)" in out
+    assert re.search(r"^  grid_errors: +disabled, PyTorch path \(differs from the PyTorch reference", out, re.M)
+    for name in ("quantize_rows", "pack_codes", "unpack_codes", "dequantize", "exl2_matmul"):
+        assert re.search(rf"^  {name}: +in use \(passed 3 random cases", out, re.M), name
+
+
+def test_self_check_outcome_is_cached_per_build(fresh_loader, monkeypatch, tmp_path, capsys):
+    library = tmp_path / f"{build.EXTENSION_NAME}.so"
+    library.write_bytes(b"built library")
+    fake = FakeExtension(wrong=("pack_codes",))
+    states = selfcheck.check_all(fake, "cpu")
+    selfcheck.write_cache(tmp_path, states)
+    assert selfcheck.read_cache(tmp_path) == states
+    # a later process of the same build reads the outcome instead of running the cases
+    monkeypatch.setattr(build, "load_extension", lambda: fake)
+    monkeypatch.setattr(build, "build_dir", lambda: tmp_path)
+    calls = dict(fake.calls)
+    checked = selfcheck.checked_extension()
+    assert checked.states == states and fake.calls == calls
+    assert re.match(DISABLED_LINE.format("pack_codes"), capsys.readouterr().err)
+    # a rebuilt library (other size or mtime) invalidates the cache
+    library.write_bytes(b"rebuilt library, longer")
+    assert selfcheck.read_cache(tmp_path) is None
+    os.utime(library, ns=(1, 1))
+    assert selfcheck.read_cache(tmp_path) is None
 
 
 # -- CUDA: kernels against the reference --------------------------------------------------------------
@@ -246,10 +393,14 @@ def test_doctor_without_cuda_reports_reference_path(capsys, monkeypatch, fresh_l
 
 @pytest.fixture(scope="module")
 def ext():
-    """The loaded extension; on a CUDA machine a failed build is a failure, not a skip."""
+    """The loaded extension; on a CUDA machine a failed build or self-check is a failure, not a skip (a
+    disabled kernel would let the tests below pass on the PyTorch path)."""
     module = build.load_extension()
     result = build.load_result()
     assert module is not None, f"CUDA kernels did not load: {result.reason if result else '?'}"
+    checked = selfcheck.checked_extension()
+    failed = {name: state.detail for name, state in checked.states.items() if not state.usable}
+    assert not failed, f"kernels failed their self-check: {failed}"
     return module
 
 

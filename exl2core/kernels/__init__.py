@@ -1,10 +1,12 @@
 """CUDA kernels for the quantizer and the EXL2 layout, each falling back to the PyTorch reference.
 
-Every function takes and returns torch tensors. On CUDA tensors it runs the compiled extension when it
-loads (``build.load_extension``); otherwise (CPU tensors, ``EXL2_NO_KERNELS=1``, no toolkit, failed
-build) it runs the reference in ``exl2core.quant``, which defines the numerics. Kernel and reference
-agree bit for bit, except ``grid_errors`` (float summation order) and ``exl2_matmul`` (fp32
-accumulation order), which agree within float / fp16 tolerance.
+Every function takes and returns torch tensors. On CUDA tensors it runs the compiled extension's kernel
+when the extension loads (``build.load_extension``) and that kernel passed its self-check
+(``selfcheck``: random cases against the reference on first use); otherwise (CPU tensors,
+``EXL2_NO_KERNELS=1``, no toolkit, failed build, failed check) it runs the reference in
+``exl2core.quant``, which defines the numerics. Kernel and reference agree bit for bit, except
+``grid_errors`` (float summation order) and ``exl2_matmul`` (fp32 accumulation order), which agree
+within float / fp16 tolerance.
 
 Hessian accumulation needs no kernel of its own: ``Hessian.add`` is already a single GEMM.
 """
@@ -12,12 +14,12 @@ Hessian accumulation needs no kernel of its own: ``Hessian.add`` is already a si
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
+from collections.abc import Callable
 
 import torch
 
 from exl2core.errors import Exl2Error
-from exl2core.kernels.build import load_extension
+from exl2core.kernels import selfcheck
 from exl2core.kernels.layout import GroupTables, group_tables
 
 #: Above this many rows of ``x`` the fused matmul stops paying off: ``exl2_matmul`` then rebuilds the
@@ -26,11 +28,25 @@ FUSED_MATMUL_MAX_ROWS = 64
 _KERNEL_BITS = frozenset((2, 3, 4, 5, 6, 8))
 
 
-def extension_for(tensor: torch.Tensor) -> ModuleType | None:
-    """The loaded extension if ``tensor`` is on a CUDA device and the kernels are usable, else None."""
-    if tensor.device.type != "cuda":
-        return None
-    return load_extension()
+def _checked_for(tensor: torch.Tensor) -> selfcheck.CheckedExtension | None:
+    """The checked extension serving ``tensor``'s device type; CPU tensors never trigger a load."""
+    device = tensor.device.type
+    checked = selfcheck.installed()
+    if checked is None and device == "cuda":
+        checked = selfcheck.checked_extension()
+    return checked if checked is not None and checked.device == device else None
+
+
+def extension_for(tensor: torch.Tensor) -> object | None:
+    """The loaded extension if it serves ``tensor``'s device (some of its kernels may be disabled)."""
+    checked = _checked_for(tensor)
+    return None if checked is None else checked.module
+
+
+def kernel_for(name: str, tensor: torch.Tensor) -> Callable | None:
+    """Kernel ``name`` if it serves ``tensor``'s device and passed its self-check, else None."""
+    checked = _checked_for(tensor)
+    return None if checked is None else checked.kernel(name)
 
 
 def quantize_group(
@@ -51,8 +67,8 @@ def quantize_group(
     zero-safe scale, if precomputed) only spares the reference an op; the kernel derives it in registers.
     Bit-exact with ``gptq.quantize_rows``.
     """
-    ext = extension_for(w)
-    if ext is None or w.dtype != torch.float32 or scale.dtype != torch.float32:
+    kernel = kernel_for("quantize_rows", w)
+    if kernel is None or w.dtype != torch.float32 or scale.dtype != torch.float32:
         from exl2core.quant.gptq import quantize_rows
 
         return quantize_rows(w, scale, zero, maxq, diag, divisor=divisor, out=out)
@@ -61,7 +77,7 @@ def quantize_group(
                torch.empty_like(w))
     targets = [t if t is None or t.is_contiguous() else torch.empty_like(t) for t in out]
     flat_diag = None if diag is None else diag.to(torch.float32).reshape(-1).contiguous()
-    ext.quantize_rows(w.contiguous(), scale.contiguous(), flat_diag, zero, maxq, *targets)
+    kernel(w.contiguous(), scale.contiguous(), flat_diag, zero, maxq, *targets)
     for given, target in zip(out, targets):
         if given is not target:
             given.copy_(target)
@@ -75,25 +91,25 @@ def grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.
     On CUDA one fused pass (block reduction, then a sum over blocks) instead of materialising
     ``[c, R, N]`` temporaries; equal to ``gptq.grid_errors`` within float tolerance.
     """
-    ext = extension_for(x)
-    if ext is None or x.dtype != torch.float32:
+    kernel = kernel_for("grid_errors", x)
+    if kernel is None or x.dtype != torch.float32:
         from exl2core.quant.gptq import grid_errors as reference
 
         return reference(x, multipliers, column_scale, zero, maxq)
-    return ext.grid_errors(x.contiguous(), multipliers.to(torch.float32).contiguous(),
-                           column_scale.to(torch.float32).contiguous(), zero, maxq)
+    return kernel(x.contiguous(), multipliers.to(torch.float32).contiguous(),
+                  column_scale.to(torch.float32).contiguous(), zero, maxq)
 
 
 def pack_codes(codes: torch.Tensor, group_bits: list[int], group_rows: list[int]) -> torch.Tensor:
     """Codes ``[K, N]`` (permuted rows) → ``q_weight`` int32 ``[Q, N]`` (§1.3), as ``pack.pack_codes``."""
-    ext = extension_for(codes)
-    if ext is None or not set(group_bits) <= _KERNEL_BITS:
+    kernel = kernel_for("pack_codes", codes)
+    if kernel is None or not set(group_bits) <= _KERNEL_BITS:
         from exl2core.quant.pack import pack_codes as reference
 
         return reference(codes, group_bits, group_rows)
     tables = _checked_tables(codes, group_bits, group_rows)
-    return ext.pack_codes(codes.to(torch.int16).contiguous(), tables.bits, tables.row_start,
-                          tables.qrow_start, tables.word_group)
+    return kernel(codes.to(torch.int16).contiguous(), tables.bits, tables.row_start,
+                  tables.qrow_start, tables.word_group)
 
 
 def unpack_codes(q_weight: torch.Tensor,
@@ -101,13 +117,13 @@ def unpack_codes(q_weight: torch.Tensor,
     """``q_weight`` → codes int16 ``[K, N]``, group widths and row counts, as ``pack.unpack_codes``."""
     from exl2core.quant.pack import group_layout, unpack_codes as reference
 
-    ext = extension_for(q_weight)
-    if ext is None or q_weight.dtype != torch.int32:
+    kernel = kernel_for("unpack_codes", q_weight)
+    if kernel is None or q_weight.dtype != torch.int32:
         return reference(q_weight, q_groups)
     group_bits, group_rows = group_layout(q_groups, q_weight.shape[0])
     tables = group_tables(group_bits, group_rows, q_weight.device)
-    codes = ext.unpack_codes(q_weight.contiguous(), tables.bits, tables.row_start, tables.qrow_start,
-                             tables.row_group)
+    codes = kernel(q_weight.contiguous(), tables.bits, tables.row_start, tables.qrow_start,
+                   tables.row_group)
     return codes, group_bits, group_rows
 
 
@@ -147,17 +163,17 @@ def dequantize(tensors: dict[str, torch.Tensor] | PreparedMatrix, prescale: floa
     A ``PreparedMatrix`` carries its own prescale (``prescale`` is then ignored).
     """
     raw = tensors.tensors if isinstance(tensors, PreparedMatrix) else tensors
-    ext = extension_for(raw["q_weight"]) if "q_weight" in raw else None
-    if ext is None:
+    kernel = kernel_for("dequantize", raw["q_weight"]) if "q_weight" in raw else None
+    if kernel is None:
         from exl2core.quant.pack import dequantize as reference
 
         return reference(raw, tensors.prescale if isinstance(tensors, PreparedMatrix) else prescale)
     prepared = tensors if isinstance(tensors, PreparedMatrix) else prepare_matrix(tensors, prescale)
     device = raw["q_weight"].device
     tables = prepared.tables
-    return ext.dequantize(raw["q_weight"].contiguous(), raw["q_scale"].to(device).contiguous(),
-                          prepared.scale_max, prepared.invperm, tables.bits, tables.row_start,
-                          tables.qrow_start, tables.row_group)
+    return kernel(raw["q_weight"].contiguous(), raw["q_scale"].to(device).contiguous(),
+                  prepared.scale_max, prepared.invperm, tables.bits, tables.row_start,
+                  tables.qrow_start, tables.row_group)
 
 
 def exl2_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor] | PreparedMatrix,
@@ -175,9 +191,9 @@ def exl2_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor] | PreparedMatr
     if x.shape[-1] != k:
         raise Exl2Error(f"activations have {x.shape[-1]} features but the EXL2 weight has {k} rows")
     rows = x.reshape(-1, k)
-    ext = extension_for(x)
-    chunk_group = prepared.tables.chunk_group() if ext is not None else None
-    if ext is None or chunk_group is None or rows.shape[0] > FUSED_MATMUL_MAX_ROWS:
+    kernel = kernel_for("exl2_matmul", x)
+    chunk_group = prepared.tables.chunk_group() if kernel is not None else None
+    if kernel is None or chunk_group is None or rows.shape[0] > FUSED_MATMUL_MAX_ROWS:
         weight = dequantize(prepared)
         if x.device.type == "cuda":
             y = rows @ weight.T
@@ -185,9 +201,9 @@ def exl2_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor] | PreparedMatr
             y = (rows.float() @ weight.float().T).to(torch.float16)
     else:
         raw, tables = prepared.tensors, prepared.tables
-        y = ext.exl2_matmul(rows.contiguous(), prepared.perm, raw["q_weight"].contiguous(),
-                            raw["q_scale"].to(x.device).contiguous(), prepared.scale_max, tables.bits,
-                            tables.qrow_start, tables.row_start, chunk_group)
+        y = kernel(rows.contiguous(), prepared.perm, raw["q_weight"].contiguous(),
+                   raw["q_scale"].to(x.device).contiguous(), prepared.scale_max, tables.bits,
+                   tables.qrow_start, tables.row_start, chunk_group)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

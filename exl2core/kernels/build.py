@@ -1,6 +1,6 @@
 """Just-in-time build of the CUDA extension, cached per (torch, CUDA, GPU architectures).
 
-The extension is optional: ``load_extension`` returns None (with one warning saying why) whenever it
+The extension is optional: ``load_extension`` returns None (with one stderr line saying why) whenever it
 cannot be used, and every caller then takes the PyTorch reference path. Compilation happens once per
 cache key; later processes only load the built library.
 """
@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -157,13 +156,12 @@ def _load() -> LoadResult:
             return LoadResult(build_extension())
         except Exl2Error as e:
             reason = str(e)
-    warnings.warn(f"exl2core CUDA kernels not used ({reason}); using the PyTorch path", RuntimeWarning,
-                  stacklevel=3)
+    print(f"exl2core: CUDA kernels not used ({reason}); using the PyTorch path", file=sys.stderr, flush=True)
     return LoadResult(None, reason)
 
 
 def load_extension() -> ModuleType | None:
-    """The compiled extension, or None (warning once per process) when it cannot be used."""
+    """The compiled extension, or None (one stderr line per process) when it cannot be used."""
     global _result
     decided = _result
     if decided is not None:  # hot path: the quantizer asks once per row

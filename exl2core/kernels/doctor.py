@@ -1,7 +1,7 @@
 """What ``exl2 doctor`` reports: torch, CUDA devices, compilers and the state of the kernel build.
 
 Each check is read-only except the last: with a usable CUDA device the kernels are loaded (compiled
-first if the cache lacks them), since "loadable" is only known by trying.
+first if the cache lacks them) and self-checked, since "loadable" and "correct" are only known by trying.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from exl2core.kernels import build
+from exl2core.kernels import build, selfcheck
 
 
 def toolkit_home() -> Path | None:
@@ -72,16 +72,34 @@ def _toolkit(home: Path | None) -> str:
     return str(home)
 
 
-def _kernel_status() -> str:
+def _kernel_status() -> tuple[str, selfcheck.CheckedExtension | None]:
+    """The extension's state, and the checked extension when it loaded (its kernels self-checked)."""
     reason = build.disabled_reason()
     if reason == f"{build.DISABLE_ENV}=1":
-        return f"forced off ({reason})"
+        return f"forced off ({reason})", None
     if reason:
-        return f"not used ({reason}; the PyTorch path runs)"
-    if build.load_extension() is not None:
-        return "loaded"
+        return f"not used ({reason}; the PyTorch path runs)", None
+    checked = selfcheck.checked_extension()
+    if checked is not None:
+        usable = sum(state.usable for state in checked.states.values())
+        return f"loaded ({usable} of {len(checked.states)} kernels passed their self-check)", checked
     result = build.load_result()
-    return f"failed ({result.reason if result else 'unknown'}; the PyTorch path runs)"
+    return f"failed ({result.reason if result else 'unknown'}; the PyTorch path runs)", None
+
+
+def kernel_lines(checked: selfcheck.CheckedExtension | None) -> list[tuple[str, str]]:
+    """One (field, value) per kernel: in use with what its self-check showed, or why the PyTorch path runs."""
+    lines = []
+    for name in selfcheck.KERNELS:
+        state = checked.states.get(name) if checked is not None else None
+        if state is None:
+            value = "PyTorch path (extension not loaded)"
+        elif state.usable:
+            value = f"in use ({state.detail})"
+        else:
+            value = f"disabled, PyTorch path ({state.detail})"
+        lines.append((f"  {name}", value))
+    return lines
 
 
 def environment_report() -> list[tuple[str, str]]:
@@ -89,6 +107,7 @@ def environment_report() -> list[tuple[str, str]]:
     home = toolkit_home()
     cuda_build = torch.version.cuda
     arches = build.arch_list()
+    status, checked = _kernel_status()
     return [
         ("torch", f"{torch.__version__} ({f'CUDA {cuda_build} build' if cuda_build else 'CPU-only build'})"),
         ("CUDA available", "yes" if torch.cuda.is_available() else "no"),
@@ -99,5 +118,6 @@ def environment_report() -> list[tuple[str, str]]:
         ("ninja", _version_line(["ninja", "--version"]) if shutil.which("ninja") else "not found"),
         ("kernel archs", arches or "none (no device visible; set TORCH_CUDA_ARCH_LIST to build anyway)"),
         ("kernel cache", f"{build.build_dir()} ({'built' if build.is_built() else 'not built'})"),
-        ("kernels", _kernel_status()),
+        ("kernels", status),
+        *kernel_lines(checked),
     ]
