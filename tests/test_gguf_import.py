@@ -306,8 +306,10 @@ def tiny_gemma3() -> transformers.Gemma3ForCausalLM:
     return model
 
 
-def write_gemma3_gguf(model: transformers.Gemma3ForCausalLM, path: Path, space_prefix: bool = False) -> Path:
-    """As convert_hf_to_gguf writes Gemma 3: norms + 1, Q/K rows as they are, no window pattern stored."""
+def write_gemma3_gguf(model: transformers.Gemma3ForCausalLM, path: Path, space_prefix: bool = False,
+                      sliding: list[bool] | None = None, local_theta: float | None = None) -> Path:
+    """As convert_hf_to_gguf writes Gemma 3: norms + 1, Q/K rows as they are, and by default neither a
+    window pattern nor a local RoPE base (``sliding``, ``local_theta``: store them)."""
     cfg = model.config
     tokens, types, scores = gemma_vocab()
     writer = gguf.GGUFWriter(str(path), "gemma3")
@@ -334,6 +336,10 @@ def write_gemma3_gguf(model: transformers.Gemma3ForCausalLM, path: Path, space_p
     writer.add_pad_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_space_prefix(space_prefix)
+    if sliding is not None:
+        writer.add_sliding_window_pattern(sliding)
+    if local_theta is not None:
+        writer.add_float32(gguf.Keys.Rope.FREQ_BASE_SWA.format(arch="gemma3"), local_theta)
 
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
@@ -397,6 +403,18 @@ def test_gemma3_config_carries_llama_cpp_settings(gemma3) -> None:
     loaded = transformers.AutoConfig.from_pretrained(out)
     assert loaded.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
     assert loaded.rope_parameters["full_attention"]["rope_theta"] == 1_000_000.0
+
+
+def test_gemma3_settings_stored_in_the_gguf_win(gemma3, tmp_path: Path) -> None:
+    model, _, _ = gemma3
+    sliding = [True, False, True, False, True, True]
+    out = gguf_to_hf(write_gemma3_gguf(model, tmp_path / "g.gguf", sliding=sliding, local_theta=20_000.0),
+                     tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention" if s else "full_attention" for s in sliding]
+    assert config["rope_local_base_freq"] == 20_000.0 and "sliding_window_pattern" not in config
+    with pytest.raises(Exl2Error, match="names 2 of 6 layers"):
+        gguf_to_hf(write_gemma3_gguf(model, tmp_path / "b.gguf", sliding=[True, False]), tmp_path / "b")
 
 
 def test_gemma3_tensors_are_the_dequantized_source(gemma3) -> None:
