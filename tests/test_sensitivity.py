@@ -155,3 +155,15 @@ def test_fast_records_match_a_direct_computation(tiny_llama):
         assert math.isclose(record[row]["accuracy"], 1 - math.sqrt(noise / signal), rel_tol=1e-5)
         assert math.isclose(kl[row], predicted, rel_tol=1e-4)
         assert record[row]["total_bits"] == measure_module(fwd, module, weights, states)[0][row]["total_bits"]
+
+
+def test_a_forward_that_bypasses_apply_linear_is_a_clear_error(tiny_llama, monkeypatch):
+    """A plugin forward computing its linears itself would get zero sensitivity (and the fewest bits)."""
+    import torch.nn.functional as F
+
+    from exl2core.errors import Exl2Error
+    from exl2core.modules import attention
+
+    monkeypatch.setattr(attention, "apply_linear", lambda w, name, x: F.linear(x, w[name], w.get(name + ".bias")))
+    with pytest.raises(Exl2Error, match=r"self_attn: its forward applies no linear .* --measure exact"):
+        _sensitivity(tiny_llama, tiny_llama.random_ids(batch=1, length=16))

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from exl2core.errors import Exl2Error
 from exl2core.modules.forward import module_forward
 from exl2core.modules.linear import observe_linear_outputs
 from exl2core.plan import ModelPlan, Module
@@ -180,6 +181,9 @@ def _backward(module: Module, weights: dict[str, torch.Tensor], inputs: list[tor
             y = fwd(module, weights, x, None)
             y.backward(g_row.to(device=device, dtype=y.dtype))
         out.append(x.grad.float().cpu())
+    if measured and not any(tokens.values()):
+        raise Exl2Error(f"{module.measurement_key}: its forward applies no linear through modules.linear.apply_linear, so "
+                        "the output sensitivity cannot be measured; convert with --measure exact")
     for name, total in sums.items():
         result[Sensitivity.key(module, name)] = (total / max(tokens[name], 1)).cpu()
     return out
