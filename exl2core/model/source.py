@@ -97,6 +97,23 @@ class SourceModel:
             raise Exl2Error(f"{shard}: cannot read tensor {key!r} ({e})") from None
         return t.to(device=device, dtype=dtype)
 
+    def finite_tensor(self, key: str, dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+        """``tensor``, refusing one with NaN or infinite values: a damaged checkpoint would otherwise
+        surface much later as non-finite activations of some module, with the tensor unnamed."""
+        raw = self.tensor(key)
+        t = raw.to(device=device, dtype=dtype)
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)):
+            problem = non_finite_summary(raw)
+            if problem:
+                raise Exl2Error(f"{self._file_of[key].name}: source tensor {key!r} holds {problem}; the "
+                                "checkpoint is damaged, re-download or repair it")
+            overflow = non_finite_summary(t)
+            if overflow:
+                raise Exl2Error(f"source tensor {key!r}: {overflow} after conversion to {dtype} (values "
+                                f"beyond its range, largest magnitude {raw.abs().max().item():.4g})")
+        return t
+
     def module_weights(self, module: Module, dtype: torch.dtype | None, device: torch.device | str | None,
                        skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         """The weight dict a module's forward takes: linears by name (``name.bias`` for biases) and the
@@ -108,7 +125,8 @@ class SourceModel:
             if lin.bias:
                 wanted[lin.name + ".bias"] = lin.source + ".bias"
         wanted.update(module.tensors)
-        weights = {name: self.tensor(key, dtype, device) for name, key in wanted.items() if name not in skip}
+        weights = {name: self.finite_tensor(key, dtype, device) for name, key in wanted.items()
+                   if name not in skip}
         # Closing the shards unmaps them: pages read through an open map stay in this process's resident
         # memory, so a long conversion would otherwise hold every layer's file pages it ever read.
         self._handles.clear()
@@ -130,3 +148,15 @@ class SourceModel:
     def numel(self) -> int:
         """Total element count of every tensor in the checkpoint (from the headers alone)."""
         return sum(math.prod(shape) for shape in self._shapes.values())
+
+
+def non_finite_summary(t: torch.Tensor) -> str:
+    """"3 non-finite values (2 NaN, 1 inf) of 4096" for a tensor with any, else ""."""
+    if not t.is_floating_point():
+        return ""
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    if not nan + inf:
+        return ""
+    return (f"{nan + inf} non-finite value{'s' if nan + inf > 1 else ''} ({nan} NaN, {inf} inf) "
+            f"of {t.numel()}")

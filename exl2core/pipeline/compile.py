@@ -17,7 +17,7 @@ from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.plan import ModelPlan
 from exl2core.plugins import plugin_manager
-from exl2core.pipeline.job import atomic_write, load_tensors, save_tensors, write_json
+from exl2core.pipeline.job import WriteError, atomic_write, load_tensors, save_tensors, write_json
 from exl2core.pipeline.quantize import tensor_file
 
 LOADABLE = (torch.int32, torch.int16, torch.float16, torch.bfloat16, torch.float32)
@@ -53,7 +53,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def write_shards(chunks, target: Path, shard_mb: float) -> list[Path]:
-    """Write the tensors of ``chunks`` into ``output*.safetensors`` shards in ``target``."""
+    """Write the tensors of ``chunks`` into ``output*.safetensors`` shards in ``target``.
+
+    Shards are written under temporary names and renamed once all exist; if a write fails (disk full,
+    read-only), every temporary shard is removed and the error names ``target``.
+    """
     limit = SHARD_UNLIMITED if shard_mb <= 0 else int(shard_mb * 1024 ** 2)
     for old in list(target.glob("output*.safetensors")) + list(target.glob(".output*")):
         old.unlink()
@@ -68,16 +72,21 @@ def write_shards(chunks, target: Path, shard_mb: float) -> list[Path]:
                     shard[name] = pending.pop(name)
                     size += _nbytes(t)
             path = target / f".output_temp_{len(written) + 1}.safetensors"
-            save_tensors(path, shard)
             written.append(path)
+            save_tensors(path, shard)
 
-    for chunk in chunks:
-        overlap = pending.keys() & chunk.keys()
-        if overlap:
-            raise Exl2Error(f"two tensors map to the same output name {sorted(overlap)[0]!r}")
-        pending.update(chunk)
-        flush(final=False)
-    flush(final=True)
+    try:
+        for chunk in chunks:
+            overlap = pending.keys() & chunk.keys()
+            if overlap:
+                raise Exl2Error(f"two tensors map to the same output name {sorted(overlap)[0]!r}")
+            pending.update(chunk)
+            flush(final=False)
+        flush(final=True)
+    except WriteError as e:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise WriteError(f"the model's shards in {target}", e.reason) from None
     n = len(written)
     final = []
     for i, path in enumerate(written, 1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,10 @@ from exl2core.plugins import resolve_plan
 from exl2core.pipeline import compile as compile_stage
 from exl2core.pipeline.calibration import RowPurpose, calibration_rows, describe_dataset
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.pipeline.job import Job, Settings, load_tensors, save_tensors, write_json
+from exl2core.pipeline.job import Job, Settings, atomic_write, load_tensors, save_tensors, stage_index, write_json
+from exl2core.pipeline.model_card import REPORT_IMAGE, card_facts, write_model_card
+from exl2core.pipeline.preflight import BpwRange, preflight
+from exl2core.pipeline.report import REPORT_FILE, build_report, write_report
 from exl2core.pipeline.measure import MEASURE_MODES, candidates_of, estimate_module, measure_module
 from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of, plan_strategy
 from exl2core.pipeline.progress import Reporter
@@ -186,14 +190,14 @@ class Converter:
             # exllamav2 reads only the two keys above; the predicted KL travels beside them for -m.
             result["predicted_kl"] = predicted
         write_json(self.job.path("measurement.json"), result)
-        if self.s.output_measurement:
-            target = Path(self.s.output_measurement)
-            write_json(target / "measurement.json" if target.is_dir() else target, result)
-        self._finish_pass("finished" if self.s.output_measurement else "optimize",
+        self._finish_pass("optimize",
                           measurement=measurement, last_module_idx=len(modules) - 1,
                           **({"predicted_kl": predicted} if fast else {}))
 
     def optimize(self) -> None:
+        if self.s.output_measurement:
+            self._output_measurement()
+            return
         slots, keys = [], []
         for module in self.plan.modules:
             for slot in module.slots:
@@ -201,10 +205,7 @@ class Converter:
                 keys.append((module.measurement_key, slot.table if len(module.slots) > 1 else None))
         numel = self.plan.blocks_numel()
         measurement = self.job.state["measurement"]
-        lo, hi = bpw_range([options_of(r) for r in measured_slots(measurement, keys)], numel)
-        if self.s.bits < lo - 1e-9 or self.s.bits > hi + 1e-9:
-            raise Exl2Error(f"target {self.s.bits} bpw is outside what the candidate tables reach for this "
-                            f"model ({lo:.3f}–{hi:.3f} bpw)")
+        BpwRange(*bpw_range([options_of(r) for r in measured_slots(measurement, keys)], numel)).check(self.s.bits)
         self.report.stage("Optimizing", 1)
         predicted = self.job.state.get("predicted_kl")
         choices, summary = plan_strategy(measurement, keys, numel, self.s.bits, predicted_kl=predicted)
@@ -287,9 +288,27 @@ class Converter:
             compile_stage.write_quantization_config(target / "config.json", self.s.bits, self.s.head_bits,
                                                     self.s.rows, self.s.length,
                                                     describe_dataset(self.s.cal_dataset))
+        self._publish(target)
         self.job.advance("finished", output_dir=str(target), shards=[p.name for p in shards])
 
     # -- helpers ----------------------------------------------------------------------------------------
+
+    def _output_measurement(self) -> None:
+        """-om: the measurement is the job's result; copy it where asked and finish."""
+        measured = self.job.path("measurement.json")
+        source = measured if measured.is_file() else Path(self.s.measurement)
+        target = Path(self.s.output_measurement)
+        target = target / "measurement.json" if target.is_dir() else target
+        atomic_write(target, lambda p: shutil.copyfile(source, p))
+        self.job.advance("finished")
+
+    def _publish(self, target: Path) -> None:
+        """The report PNG in the job directory and, with -cf, beside the model with its model card."""
+        report = build_report(self.s, self.job.state, self.plan)
+        beside = [target / REPORT_IMAGE] if self.s.compile_full else []
+        write_report(report, self.job.path(REPORT_FILE), *beside)
+        if self.s.compile_full:
+            write_model_card(target, Path(self.s.in_dir), card_facts(self.s, self.job.state))
 
     def _sensitivity(self) -> Sensitivity:
         """The output sensitivity of every measured linear, computed once per job (fast measurement)."""
@@ -414,8 +433,31 @@ def convert(settings: Settings, out_dir: str | Path, runtime: Runtime, *, restar
         value = getattr(settings, name)
         if value:
             setattr(settings, name, str(Path(value).resolve()))
-    SourceModel(settings.in_dir)  # a bad source fails here, before a job directory is created
-    job = Job.open(out_dir, settings, restart=restart)
-    if job.progress == "finished":
+    source = SourceModel(settings.in_dir)  # a bad source fails here, before a job directory is created
+    job = Job.prepare(out_dir, settings, restart=restart)
+    if job.progress == "finished" and job.redo_from is None:
         return job.state
-    return Converter(job, runtime).run()
+    plan = resolve_plan(source.config, settings.arch)
+    apply_rope_overrides(plan, settings)
+    measurement = load_measurement(settings.measurement, plan)[0] if settings.measurement else None
+    preflight(settings, source, plan, job, runtime.device, measurement)  # nothing is written before this
+    job.start()
+    remove_stale_files(job)
+    converter = Converter(job, runtime)
+    if job.changes:
+        converter.report.log(job.resume_note())
+    return converter.run()
+
+
+def remove_stale_files(job: Job) -> None:
+    """After a rewind: the packed tensors of a quantization pass to be redone, hidden-state checkpoints the
+    job no longer points at, and the report of the result being replaced."""
+    if job.redo_from is None:
+        return
+    if stage_index(job.redo_from) <= stage_index("quant"):
+        shutil.rmtree(job.path("out_tensor"), ignore_errors=True)
+    held = job.state.get("hidden_states")
+    for path in job.dir.glob("hidden_states.*.safetensors"):
+        if path.name != held:
+            path.unlink()
+    job.path(REPORT_FILE).unlink(missing_ok=True)

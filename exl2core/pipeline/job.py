@@ -10,13 +10,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from exl2core.errors import Exl2Error
@@ -27,53 +29,140 @@ STAGES = ("begin", "measure_tokens", "measure_embeddings", "measure", "optimize"
           "quant_embeddings", "quant", "compile", "finished")
 
 
+def _stage(stage: str, **extra: Any) -> dict[str, Any]:
+    return {"stage": stage, **extra}
+
+
 @dataclass
 class Settings:
-    """The user's choices that define a job's result; resuming with other values is refused."""
+    """The user's choices that define a job's result.
 
-    in_dir: str
-    cal_dataset: str | None = None
-    bits: float = 4.125
-    head_bits: int = 6
-    rows: int = 100
-    length: int = 2048
-    measurement_rows: int = 16
-    measurement_length: int = 2048
-    shard_size: float = 8192
-    compile_full: str | None = None
-    rope_scale: float | None = None
-    rope_alpha: float | None = None
-    output_measurement: str | None = None
-    measurement: str | None = None
-    arch: str | None = None
-    seed: int = 0
-    scale_search: str = "hessian"
-    # How the quantization pass fits each linear and lays out its groups (pipeline.quantize).
-    fit: str = field(default="local", metadata={"stage": "quant"})
-    layout: str = field(default="table", metadata={"stage": "quant"})
-    # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); the first stage it affects.
-    cal_mix: str = field(default=DEFAULT_MIX, metadata={"stage": "measure_tokens"})
+    Each field's ``metadata["stage"]`` is the first stage of ``STAGES`` it affects: a resumed job may take
+    another value for a field whose stage comes after its finished measurement (that stage is redone),
+    never for one that would change the measurement. ``metadata["legacy"]``, where present, is the value
+    a job.json written before the field existed implies (otherwise the field's default).
+    """
+
+    in_dir: str = field(metadata=_stage("begin"))
+    cal_dataset: str | None = field(default=None, metadata=_stage("measure_tokens"))
+    bits: float = field(default=4.125, metadata=_stage("optimize"))
+    head_bits: int = field(default=6, metadata=_stage("quant"))
+    rows: int = field(default=100, metadata=_stage("quant_tokens"))
+    length: int = field(default=2048, metadata=_stage("quant_tokens"))
+    measurement_rows: int = field(default=16, metadata=_stage("measure_tokens"))
+    measurement_length: int = field(default=2048, metadata=_stage("measure_tokens"))
+    shard_size: float = field(default=8192, metadata=_stage("compile"))
+    compile_full: str | None = field(default=None, metadata=_stage("compile"))
+    rope_scale: float | None = field(default=None, metadata=_stage("measure"))
+    rope_alpha: float | None = field(default=None, metadata=_stage("measure"))
+    output_measurement: str | None = field(default=None, metadata=_stage("optimize"))
+    measurement: str | None = field(default=None, metadata=_stage("begin"))
+    arch: str | None = field(default=None, metadata=_stage("begin"))
+    seed: int = field(default=0, metadata=_stage("measure_tokens"))
+    # Jobs from before the scale-search setting quantized with exllamav2's search.
+    scale_search: str = field(default="hessian", metadata=_stage("measure", legacy="exllamav2"))
     # ``measure.MEASURE_MODES``; jobs from before the option measured exactly.
-    measure: str = field(default="exact", metadata={"stage": "measure"})
+    measure: str = field(default="exact", metadata=_stage("measure", legacy="exact"))
+    # How the quantization pass fits each linear and lays out its groups (pipeline.quantize); jobs from
+    # before these settings used exllamav2's local fit and the table layout.
+    fit: str = field(default="local", metadata=_stage("quant", legacy="local"))
+    layout: str = field(default="table", metadata=_stage("quant", legacy="table"))
+    # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); jobs from before the setting
+    # calibrated with v1.
+    cal_mix: str = field(default=DEFAULT_MIX, metadata=_stage("measure_tokens", legacy=LEGACY_MIX))
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "Settings":
+        """The settings a job.json records; a field it lacks takes its legacy value or default."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(saved) - set(known))
+        if unknown:
+            raise Exl2Error(f"the job's settings include {', '.join(unknown)}, unknown to this exl2core "
+                            "version; resume it with the version that started it, or -nr to start over")
+        legacy = {name: f.metadata["legacy"] for name, f in known.items()
+                  if "legacy" in f.metadata and name not in saved}
+        return cls(**{**legacy, **saved})
+
+    def changes_from(self, old: "Settings") -> list["SettingChange"]:
+        """The fields that differ from ``old``, each with the first stage it affects."""
+        return [SettingChange(f.name, getattr(old, f.name), getattr(self, f.name), field_stage(f))
+                for f in fields(self) if getattr(self, f.name) != getattr(old, f.name)]
 
     def differences(self, other: "Settings") -> list[str]:
-        return [f"{f.name}: {getattr(other, f.name)!r} (job) vs {getattr(self, f.name)!r} (now)"
-                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        return [str(change) for change in self.changes_from(other)]
+
+
+def field_stage(f: Field) -> str:
+    """The first stage a settings field affects; a field that does not say is taken to affect them all."""
+    stage = f.metadata.get("stage", STAGES[0])
+    if stage not in STAGES:
+        raise ValueError(f"Settings.{f.name}: stage {stage!r} is not one of STAGES")
+    return stage
+
+
+@dataclass(frozen=True)
+class SettingChange:
+    """A setting whose value differs from the one a job was started with."""
+
+    name: str
+    old: Any
+    new: Any
+    stage: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.old!r} (job) vs {self.new!r} (now)"
+
+
+#: The stage a module loop restarts from: its input hidden states are dropped once the pass is finished.
+LOOP_START = {"measure": "measure_embeddings", "quant": "quant_embeddings"}
+#: The last stage whose work goes into the measurement; settings that affect it or an earlier one may not
+#: change once the job is past it.
+MEASUREMENT_STAGE = "measure"
+
+
+def stage_index(stage: str) -> int:
+    return STAGES.index(stage)
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _disk_error(path: Path, e: OSError) -> Exl2Error:
-    reason = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system",
-              errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, str(e))
-    return Exl2Error(f"cannot write {path}: {reason}; work already checkpointed is kept, "
-                     "free space or fix permissions and rerun the same command to resume")
+_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EDQUOT: "disk quota exceeded"}
+
+
+def io_errno(e: BaseException) -> int | None:
+    """The errno of an OSError, or of a SafetensorError wrapping one (its message ends "(os error N)")."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"os error (\d+)", str(e))
+    return int(found.group(1)) if found else None
+
+
+class WriteError(Exl2Error):
+    """A failed write, as one line naming what could not be written, why, and how to go on."""
+
+    def __init__(self, what: str | Path, reason: str):
+        super().__init__(f"cannot write {what}: {reason}; work already checkpointed is kept, "
+                         "free space or fix permissions and rerun the same command to resume")
+        self.reason = reason
+
+
+def io_reason(e: BaseException) -> str:
+    """A few words for why an I/O call failed: "disk full", "read-only file system" …"""
+    code = io_errno(e)
+    return _REASONS.get(code) or (os.strerror(code) if code else str(e))
+
+
+def disk_error(path: str | Path, e: BaseException) -> WriteError:
+    return WriteError(path, io_reason(e))
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp_path)`` and rename it into place, durably."""
+    """Write ``path`` through ``write(tmp_path)`` and rename it into place, durably; on an I/O error
+    (safetensors reports those as ``SafetensorError``) the temporary file is removed."""
     path = Path(path)
     tmp = None
     try:
@@ -91,10 +180,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C mid-write leaves no temporary file either
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise _disk_error(path, e) from None
+        if isinstance(e, (OSError, SafetensorError)):
+            raise disk_error(path, e) from None
+        raise
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -111,60 +202,133 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class Job:
-    """A working directory and its ``job.json``."""
+    """A working directory and its ``job.json``.
 
-    def __init__(self, directory: Path, settings: Settings, state: dict[str, Any]):
+    ``Job.prepare`` reads a job (or describes a new one) and decides how it resumes without writing
+    anything, so checks that fail leave the directory as it was; ``start`` then writes.
+    """
+
+    def __init__(self, directory: Path, settings: Settings, state: dict[str, Any],
+                 written_at: dict[str, str] | None = None):
         self.dir = directory
         self.settings = settings
         self.state = state
+        #: The stage at which each state key was last written, so a rewind knows what is stale.
+        self.written_at = {} if written_at is None else written_at
+        self.changes: list[SettingChange] = []
+        self.redo_from: str | None = None
+        self.restart = False
+        self.is_new = False
 
     @classmethod
     def open(cls, directory: str | Path, settings: Settings, *, restart: bool = False) -> "Job":
         """Resume the job in ``directory`` or start a new one (``restart`` wipes the directory)."""
+        job = cls.prepare(directory, settings, restart=restart)
+        job.start()
+        return job
+
+    @classmethod
+    def prepare(cls, directory: str | Path, settings: Settings, *, restart: bool = False) -> "Job":
+        """The job ``open`` would start or resume, with ``changes`` and ``redo_from`` decided; no writes."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise Exl2Error(f"{directory} exists and is not a directory")
         job_path = directory / JOB_FILE
-        if restart and directory.exists():
-            for child in directory.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        if job_path.is_file():
+        if job_path.is_file() and not restart:
             try:
                 saved = json.loads(job_path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise Exl2Error(f"{job_path} is unreadable ({e}); rerun with -nr to start over") from None
-            # Jobs from before the scale-search setting quantized with exllamav2's search, and jobs from
-            # before the mix setting calibrated with mix v1.
-            old = Settings(**{"scale_search": "exllamav2", "cal_mix": LEGACY_MIX, "measure": "exact",
-                                **saved["settings"]})
-            diff = settings.differences(old)
-            if diff:
-                raise Exl2Error(f"{directory} holds a job with other settings ({'; '.join(diff)}); "
-                                "rerun with the same options to resume, or -nr to start over")
-            return cls(directory, old, saved["state"])
-        if directory.exists() and any(p for p in directory.iterdir() if not p.name.startswith(".")):
-            if not restart:
-                raise Exl2Error(f"{directory} is not empty and holds no job; choose an empty directory or -nr")
+            job = cls(directory, settings, saved["state"], saved.get("written_at"))
+            job._plan_resume(type(settings).from_saved(saved["settings"]), has_origins="written_at" in saved)
+            return job
+        if (not restart and directory.exists()
+                and any(p for p in directory.iterdir() if not p.name.startswith("."))):
+            raise Exl2Error(f"{directory} is not empty and holds no job; choose an empty directory or -nr")
         job = cls(directory, settings, {"progress": "begin"})
-        job.save()
+        job.restart, job.is_new = restart, True
         return job
+
+    def _plan_resume(self, old: Settings, has_origins: bool) -> None:
+        """Accept settings changed since the job started when only stages after its measurement depend on
+        them (those are redone from ``redo_from``); refuse the others."""
+        self.changes = self.settings.changes_from(old)
+        if not self.changes:
+            return
+        first = min((c.stage for c in self.changes), key=stage_index)
+        redo_from = LOOP_START.get(first, first)
+        if stage_index(redo_from) >= stage_index(self.progress):
+            return  # nothing computed so far depends on them
+        if stage_index(first) <= stage_index(MEASUREMENT_STAGE) or not has_origins:
+            raise Exl2Error(self._refusal(first, old))
+        self.redo_from = redo_from
+
+    def _refusal(self, first: str, old: Settings) -> str:
+        measuring = [c for c in self.changes if stage_index(c.stage) <= stage_index(MEASUREMENT_STAGE)]
+        diff = "; ".join(str(c) for c in measuring or self.changes)
+        measured = self.dir / "measurement.json"
+        if not measured.is_file():
+            measured = Path(old.measurement) if old.measurement and Path(old.measurement).is_file() else None
+        if stage_index(first) > stage_index(MEASUREMENT_STAGE):
+            why = "this job predates resuming with changed settings"
+        else:
+            why = "they change its measurement"
+        reuse = (f", start a new job (another -o) that reuses the finished measurement with -m {measured}"
+                 if measured is not None and stage_index(self.progress) > stage_index(MEASUREMENT_STAGE) else "")
+        return (f"{self.dir} holds a job with other settings ({diff}); {why}: rerun with the job's values "
+                f"to resume{reuse}, or -nr to start over")
+
+    def resume_note(self) -> str:
+        """The log line of a job resumed with changed settings."""
+        changed = "; ".join(f"{c.name} {c.old!r} → {c.new!r}" for c in self.changes)
+        if self.redo_from is None:
+            return f"settings changed since the job started ({changed}); nothing done so far depends on them"
+        return (f"settings changed since the job started ({changed}); keeping its measurement and redoing "
+                f"the job from {self.redo_from}")
+
+    def start(self) -> None:
+        """Write what ``prepare`` decided: wipe (``-nr``), save a new job, or rewind to ``redo_from``."""
+        if self.restart and self.dir.exists():
+            for child in self.dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if self.redo_from is not None:
+            self.rewind(self.redo_from)
+        else:
+            self.save()
+
+    def rewind(self, stage: str) -> None:
+        """Go back to ``stage``, forgetting every state key written at it or later; the caller removes
+        the files those keys described."""
+        for key, at in list(self.written_at.items()):
+            if stage_index(at) >= stage_index(stage):
+                self.state.pop(key, None)
+                del self.written_at[key]
+        self.state["progress"] = stage
+        self.save()
 
     @property
     def progress(self) -> str:
         return self.state["progress"]
 
     def advance(self, stage: str, **updates: Any) -> None:
-        """Move to ``stage`` (and record ``updates``) in one atomic save."""
+        """Move to ``stage`` (and record ``updates``, the work of the stage now finished) in one atomic save."""
         assert stage in STAGES, stage
+        self._record(updates)
         self.state.update(updates, progress=stage)
         self.save()
 
     def update(self, **updates: Any) -> None:
+        self._record(updates)
         self.state.update(updates)
         self.save()
 
+    def _record(self, updates: dict[str, Any]) -> None:
+        for key in updates:
+            self.written_at[key] = self.progress
+
     def save(self) -> None:
-        write_json(self.dir / JOB_FILE, {"settings": asdict(self.settings), "state": self.state})
+        write_json(self.dir / JOB_FILE, {"settings": asdict(self.settings), "state": self.state,
+                                         "written_at": self.written_at})
 
     def path(self, name: str) -> Path:
         return self.dir / name

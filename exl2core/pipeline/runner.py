@@ -45,14 +45,45 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
                 if output not in reported:
                     raise Exl2Error(f"{module.key}: the forward did not report its slot output {output!r}")
                 y = reported.pop(output)
-            if not torch.isfinite(y.sum(dtype=torch.float32)):  # one reduction, no boolean temporary
-                raise Exl2Error(f"{module.key}: non-finite activations in calibration row {i} "
-                                "(the source model overflows in this precision)")
+            if not torch.isfinite(y.sum(dtype=torch.float32)) and not _all_finite_elements(y):
+                raise Exl2Error(non_finite_origin(fwd, module, weights, states, i))
             if reduce is not None:
                 reduce(i, y)
             else:
                 outputs.append(y.to(states.rows[i].device))
     return outputs
+
+
+def _all_finite_elements(x: torch.Tensor) -> bool:
+    """Elementwise check, for when a float32 sum overflowed (one reduction is the cheap first test)."""
+    return bool(torch.isfinite(x).all())
+
+
+def non_finite_origin(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates,
+                      row: int) -> str:
+    """Why ``module``'s output for calibration ``row`` is not finite, naming the first place it happens:
+    the module's input (then an earlier step wrote it), a source weight, or the first linear input
+    within the module, else its output (the block overflows in this precision)."""
+    where = f"{module.measurement_key}: non-finite activations in calibration row {row}"
+    x = states.row(row)
+    if not _all_finite_elements(x):
+        return (f"{where}: its input hidden states are already non-finite (a damaged hidden-state "
+                "checkpoint?); rerun with -nr to start over")
+    for name, w in weights.items():
+        if w.is_floating_point() and not _all_finite_elements(w):
+            return f"{where}: weight {name!r} of this block holds NaN or infinite values"
+    first: list[str] = []
+
+    def watch(name: str, a: torch.Tensor) -> None:
+        if not first and a.is_floating_point() and not _all_finite_elements(a):
+            first.append(name)
+
+    with torch.inference_mode():
+        fwd(module, weights, x, watch)
+    readers = ", ".join(lin.name for lin in module.linears if first and lin.input == first[0])
+    at = f"first at the input of {readers or first[0]}" if first else "first in its output"
+    return (f"{where}, {at} (the source model overflows in {x.dtype}; its weights are finite, so this "
+            "block is where the activations blow up)")
 
 
 def prepare_hessians(module: Module, hessians: dict[str, Hessian],
