@@ -62,6 +62,9 @@ FAMILIES = {
 CASES = [("llama", 2.5, 6), ("llama", 4.0, 6), ("llama", 6.0, 8),
          *((family, 4.0, 6) for family in FAMILIES if family != "llama")]
 ROW_LENGTHS = (96, 96, 4)
+#: An EXL2 directory exl2core wrote from a real model (bench/device_check.sh sets it to its SmolLM2-135M
+#: output): real weights and text reach value ranges the tiny random models do not.
+REAL_MODEL_ENV = "EXL2_COMPAT_MODEL"
 
 
 @pytest.fixture(scope="session")
@@ -201,3 +204,18 @@ def test_exl2_output_runs_alike_in_exllamav2(converted, family, bits, head_bits)
     assert {key for key, q in quantized.items() if q} == packed, "exllamav2 took other linears as EXL2"
     for dtype in (torch.float32, torch.float16):
         assert_close(exl2core_logits(out, rows, dtype), theirs, f"{family} {bits} bpw, exl2core {dtype}")
+
+
+@pytest.mark.skipif(not os.environ.get(REAL_MODEL_ENV), reason=f"set {REAL_MODEL_ENV} to an exl2core output")
+def test_real_model_output_runs_alike_in_exllamav2():
+    from exl2core.eval.data import load_text
+    from exl2core.model.source import SourceModel
+
+    out = Path(os.environ[REAL_MODEL_ENV])
+    ids = SourceModel(out).tokenizer.encode(load_text(), add_special_tokens=False).ids
+    starts = [0, 1000, 2000]
+    rows = [torch.tensor([ids[a:a + n]]) for a, n in zip(starts, ROW_LENGTHS)]
+    theirs, quantized = exllamav2_run(out, rows)
+    assert {key for key, q in quantized.items() if q} == packed_linears(out), "exllamav2 took other linears"
+    for dtype in (torch.float32, torch.float16):
+        assert_close(exl2core_logits(out, rows, dtype), theirs, f"{out.name}, exl2core {dtype}")
