@@ -1,10 +1,11 @@
 """Where the CPU time of a conversion goes: profile one attention and one MLP block of a model.
 
     python bench/profile_module.py MODEL_DIR [--layer 0] [--rows 16] [--length 2048]
-        [--pass measure|measure-fast|quant]
+        [--pass measure|measure-hessian|measure-fast|quant]
 
-Runs the measurement (every candidate of the tables; ``measure-fast``: the ``--measure fast`` scoring, with
-unit sensitivities since their values do not change the time) or the quantization pass (one setting per linear) of
+Runs the measurement (every candidate of the tables; ``measure-hessian``/``measure-fast``: the
+``--measure hessian|fast`` scoring, with unit sensitivities since their values do not change the time) or the
+quantization pass (one setting per linear) of
 one layer on random-but-realistic inputs (the model's own embeddings of random token ids) and prints the
 wall time per block and the top functions by own time. Multiply by the number of layers for a whole model.
 """
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=0)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--pass", dest="which", choices=("measure", "measure-fast", "quant"), default="measure")
+    parser.add_argument("--pass", dest="which", choices=("measure", "measure-hessian", "measure-fast", "quant"), default="measure")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
@@ -62,10 +63,11 @@ def main() -> None:
         weights = source.module_weights(module, dtype, device)
         if args.which == "measure":
             call = lambda: measure_module(module_forward(module), module, weights, states)  # noqa: E731
-        elif args.which == "measure-fast":
+        elif args.which.startswith("measure-"):
             ones = Sensitivity({Sensitivity.key(module, lin.name): torch.ones(lin.out_features, dtype=torch.float64)
                                 for lin in module.linears})
-            call = lambda: estimate_module(module_forward(module), module, weights, states, ones)  # noqa: E731
+            call = lambda: estimate_module(module_forward(module), module, weights, states, ones,  # noqa: E731
+                                           args.which.removeprefix("measure-"))
         else:
             strategy = {s.key: {role: table_setting(s.table, QUANT_ROW[s.table], role).to_dict()
                                 for role in s.roles} for s in module.slots}

@@ -50,10 +50,11 @@ def _add_convert(sub) -> None:
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table: group bit widths as the candidate table lays them out; hessian: rows moved "
                         "between the setting's widths and group sizes where GPTQ's error model gains, same size")
-    p.add_argument("--measure", default="exact", metavar="{fast,exact}",
-                   help="fast: score candidates on GPTQ's Hessians and allocate bits by predicted KL from "
-                        "the model's output sensitivity; exact: one block forward per candidate, as "
-                        "exllamav2 (default)")
+    p.add_argument("--measure", default="exact", metavar="{exact,hessian,fast}",
+                   help="exact: one block forward per candidate, as exllamav2 (default); hessian: GPTQ per "
+                        "candidate scored on its Hessian; fast: GPTQ's expected error, no quantization per "
+                        "candidate; hessian and fast allocate bits by the KL predicted from the model's "
+                        "output sensitivity")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")

@@ -68,5 +68,5 @@ def test_resume_with_another_mode_is_refused(convert_model, fast_measurement, ca
 def test_unknown_mode_is_one_line(convert_model, tmp_path, capsys):
     assert main(["convert", "-i", str(convert_model), "-o", str(tmp_path / "job"), "--measure", "quick", *CAL]) != 0
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "measurement mode must be one of exact, fast" in err
+    assert err.count("\n") == 0 and "measurement mode must be one of exact, hessian, fast" in err
     assert not (tmp_path / "job").exists()

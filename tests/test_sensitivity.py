@@ -131,7 +131,7 @@ def test_fast_records_match_a_direct_computation(tiny_llama):
     weights = source.module_weights(module, torch.float32, "cpu")
     states = _random_states(tiny_llama)
     fwd = module_forward(module)
-    record, kl, targets = estimate_module(fwd, module, weights, states, sens)
+    record, kl, targets = estimate_module(fwd, module, weights, states, sens, "hessian")
     torch.testing.assert_close(targets, forward_rows(fwd, module, weights, states))
     inputs: dict[str, list[torch.Tensor]] = {}
     with torch.inference_mode():
@@ -167,3 +167,23 @@ def test_a_forward_that_bypasses_apply_linear_is_a_clear_error(tiny_llama, monke
     monkeypatch.setattr(attention, "apply_linear", lambda w, name, x: F.linear(x, w[name], w.get(name + ".bias")))
     with pytest.raises(Exl2Error, match=r"self_attn: its forward applies no linear .* --measure exact"):
         _sensitivity(tiny_llama, tiny_llama.random_ids(batch=1, length=16))
+
+
+def test_expected_gptq_error_tracks_gptqs_real_error(tiny_llama):
+    """``fast`` mode's expected error of each setting against the error GPTQ really reaches, per linear of a
+    block: the same order of the costliest settings, and errors within a factor 1.25 (KL 1.5)."""
+    source, plan = _open(tiny_llama)
+    sens = _sensitivity(tiny_llama, tiny_llama.random_ids(batch=2, length=24))[2]
+    for idx in (1, 2):
+        module = plan.modules[idx]
+        weights = source.module_weights(module, torch.float32, "cpu")
+        states = _random_states(tiny_llama, rows=8, length=32)
+        fwd = module_forward(module)
+        hessian_records, hessian_kl, _ = estimate_module(fwd, module, weights, states, sens, "hessian")
+        fast_records, fast_kl, _ = estimate_module(fwd, module, weights, states, sens, "fast")
+        real = [1 - r["accuracy"] for r in hessian_records]
+        expected = [1 - r["accuracy"] for r in fast_records]
+        assert all(1 / 1.25 < e / r < 1.25 for e, r in zip(expected, real)), (module.key, expected, real)
+        assert all(1 / 1.5 < e / r < 1.5 for e, r in zip(fast_kl, hessian_kl))
+        order = sorted(range(len(real)), key=real.__getitem__)
+        assert sorted(range(len(expected)), key=expected.__getitem__)[-3:] == order[-3:]

@@ -148,7 +148,7 @@ class Converter:
         modules = self.plan.modules
         start = self.job.state["last_module_idx"] + 1
         measurement = dict(self.job.state["measurement"])
-        fast = self.s.measure == "fast"
+        fast = self.s.measure != "exact"  # scored on Hessians, allocated by predicted KL
         sensitivity = self._sensitivity() if fast else None
         predicted = dict(self.job.state.get("predicted_kl") or {})
         total = sum(candidates_of(m) + 1 for m in modules[1:])
@@ -166,7 +166,8 @@ class Converter:
             weights = self.source.module_weights(module, self.dtype, self.device)
             if fast:
                 record, kl, outputs = estimate_module(module_forward(module), module, weights, states, sensitivity,
-                                                      on_candidate=self.report.advance, search=self.s.scale_search)
+                                                      self.s.measure, on_candidate=self.report.advance,
+                                                      search=self.s.scale_search)
                 if kl is not None:
                     predicted[module.measurement_key] = kl
             else:
