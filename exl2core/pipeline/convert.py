@@ -329,10 +329,7 @@ class Converter:
         return sensitivity
 
     def _tokens(self, rows: int, length: int, noise: int, purpose: RowPurpose) -> None:
-        ids = calibration_rows(self.source.tokenizer, self.plan.config.vocab_size or
-                               self.source.shape(self.plan.modules[0].tensors["embed"])[0],
-                               rows, length, dataset=self.s.cal_dataset, seed=self.s.seed, noise_rows=noise,
-                               mix=self.s.cal_mix, purpose=purpose, model_dir=self.source.path)
+        ids = job_tokens(self.s, self.source, self.plan, rows, length, noise, purpose)
         save_tensors(self.job.path("cal_data.safetensors"), {"input_ids": ids})
 
     def _embeddings(self) -> None:
@@ -373,6 +370,15 @@ class Converter:
         self.job.update(hidden_states=name, **updates)
         if old and old != name:
             self.job.path(old).unlink(missing_ok=True)
+
+
+def job_tokens(settings: Settings, source: SourceModel, plan: ModelPlan, rows: int, length: int, noise: int,
+               purpose: RowPurpose) -> torch.Tensor:
+    """The calibration token ids of one pass: the token stages' work, and the pre-flight's dry run of it."""
+    return calibration_rows(source.tokenizer, plan.config.vocab_size or
+                            source.shape(plan.modules[0].tensors["embed"])[0],
+                            rows, length, dataset=settings.cal_dataset, seed=settings.seed, noise_rows=noise,
+                            mix=settings.cal_mix, purpose=purpose, model_dir=source.path)
 
 
 def plan_digest(plan: ModelPlan) -> str:
@@ -441,7 +447,8 @@ def convert(settings: Settings, out_dir: str | Path, runtime: Runtime, *, restar
     plan = resolve_plan(source.config, settings.arch)
     apply_rope_overrides(plan, settings)
     measurement = load_measurement(settings.measurement, plan)[0] if settings.measurement else None
-    preflight(settings, source, plan, job, runtime.device, measurement)  # nothing is written before this
+    preflight(settings, source, plan, job, runtime.device, measurement,  # nothing is written before this
+              read_tokens=lambda p: job_tokens(settings, source, plan, p.rows, p.length, p.noise, p.purpose))
     job.start()
     remove_stale_files(job)
     converter = Converter(job, runtime)

@@ -16,6 +16,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,7 +24,6 @@ import pyarrow.parquet as pq
 from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.plan import ModelPlan, Module, Slot
-from exl2core.pipeline.calibration import calibration_rows
 from exl2core.pipeline.job import STAGES, Job, Settings, io_reason, stage_index
 from exl2core.pipeline.optimize import Option, bpw_range, measured_slots, options_of
 from exl2core.quant.qparams import HEAD_OPTIONS, TABLES, pad32, table_setting
@@ -102,6 +102,7 @@ class CalibrationPass:
     noise: int
     flags: str
     stages: tuple[str, ...]
+    purpose: str
 
     def tokens_to_read(self, stages: list[str]) -> bool:
         return self.stages[0] in stages
@@ -110,15 +111,16 @@ class CalibrationPass:
 def calibration_passes(settings: Settings, plan: ModelPlan, stages: list[str]) -> list[CalibrationPass]:
     """The passes with work left among ``stages``."""
     passes = [CalibrationPass(settings.measurement_rows, settings.measurement_length, plan.noise_rows[0],
-                              "measurement rows -mr/-ml", MEASURE_STAGES),
+                              "measurement rows -mr/-ml", MEASURE_STAGES, "measurement"),
               CalibrationPass(settings.rows, settings.length, plan.noise_rows[1], "quantization rows -r/-l",
-                              QUANT_STAGES)]
+                              QUANT_STAGES, "quantization")]
     return [p for p in passes if any(s in stages for s in p.stages)]
 
 
-def check_calibration(settings: Settings, source: SourceModel, plan: ModelPlan, stages: list[str]) -> None:
-    """The dataset has a ``text`` column and enough tokens for every pass still to run (a dry run of the
-    token stages still to run: tokenizing is cheap, embedding is where the hours go)."""
+def check_calibration(settings: Settings, plan: ModelPlan, stages: list[str],
+                      read_tokens: Callable[[CalibrationPass], object]) -> None:
+    """The dataset has a ``text`` column and enough tokens for every pass still to run: ``read_tokens`` is
+    the token stages' own reading, run dry (tokenizing is cheap, embedding is where the hours go)."""
     passes = [p for p in calibration_passes(settings, plan, stages) if p.tokens_to_read(stages)]
     if not passes:
         return
@@ -133,14 +135,11 @@ def check_calibration(settings: Settings, source: SourceModel, plan: ModelPlan, 
         if "text" not in columns:
             raise Exl2Error(f"calibration dataset {path.name} has no 'text' column (its columns: "
                             f"{', '.join(columns) or 'none'}); name the column of calibration text 'text'")
-    tokenizer = source.tokenizer
-    vocab = plan.config.vocab_size or source.shape(plan.modules[0].tensors["embed"])[0]
     for p in passes:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the stage itself warns about long rows
-                calibration_rows(tokenizer, vocab, p.rows, p.length, dataset=settings.cal_dataset,
-                                 seed=settings.seed, noise_rows=p.noise)
+                read_tokens(p)
         except Exl2Error as e:
             raise Exl2Error(f"{e} ({p.flags}: {p.rows} × {p.length})") from None
 
@@ -259,16 +258,16 @@ def _size(n: int) -> str:
 
 
 def preflight(settings: Settings, source: SourceModel, plan: ModelPlan, job: Job, device: str,
-              measurement: dict | None = None) -> None:
+              measurement: dict | None, read_tokens: Callable[[CalibrationPass], object]) -> None:
     """Every check for the stages ``job`` still runs (from ``redo_from`` or its progress), the cheapest
     and most likely mistake first. ``measurement`` is the ``-m`` file's records, whose sizes then bound
-    the bpw instead of the tables."""
+    the bpw instead of the tables; ``read_tokens`` reads one pass's calibration tokens."""
     stages = stages_to_run(settings, job.redo_from or job.progress)
     if not stages:
         return
     if "optimize" in stages and not settings.output_measurement:
         attainable_bpw(plan, measurement).check(settings.bits)
-    check_calibration(settings, source, plan, stages)
+    check_calibration(settings, plan, stages, read_tokens)
     check_writable(job.dir, "work directory")
     if settings.compile_full and "compile" in stages:
         check_writable(Path(settings.compile_full), "output directory")
