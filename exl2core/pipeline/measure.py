@@ -29,7 +29,7 @@ from exl2core.plan import Linear, Module, Slot
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.runner import forward_rows, prepare_hessians, relative_error
 from exl2core.pipeline.sensitivity import Sensitivity
-from exl2core.quant.gptq import Hessian, PreparedHessian, quantize_linear
+from exl2core.quant.gptq import Hessian, PreparedHessian, quantize_linear, search_scales, search_scales_hessian
 from exl2core.quant.qparams import TABLES, QParams, pad32, table_setting
 
 #: ``exact``: a block forward per candidate (exllamav2's); ``hessian``: GPTQ per candidate scored on its
@@ -74,13 +74,16 @@ def estimate_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         return None, None, targets
     prepared = prepare_hessians(module, hessians, states.device)
     tokens = sum(t.numel() // t.shape[-1] for t in targets)
+    rounding: dict[str, _GroupRounding] = {}
 
     def channel_errors(lin: Linear, qp: QParams) -> torch.Tensor:
         w, bias, hessian = weights[lin.name], weights.get(lin.name + ".bias"), hessians.get(lin.input)
         if hessian is None:  # no token reached this linear (an idle expert)
             return torch.zeros(lin.out_features, dtype=torch.float64, device=w.device)
         if mode == "fast":
-            return _expected_gptq_errors(w, prepared[lin.name], qp, bias, search) * hessian.num_batches
+            if lin.name not in rounding:
+                rounding[lin.name] = _GroupRounding(w, prepared[lin.name], search)
+            return rounding[lin.name].expected_errors(qp) * hessian.num_batches
         fake = quantize_linear(w, prepared[lin.name], qp, bias=bias, search=search).weight[: lin.out_features]
         return _channel_errors(fake.to(torch.float32) - w.to(torch.float32), hessian.matrix)
 
@@ -171,17 +174,38 @@ def _channel_errors(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return ((dw @ h.to(dw)) * dw).sum(dim=1, dtype=torch.float64)
 
 
-def _expected_gptq_errors(weight: torch.Tensor, prepared: PreparedHessian, qp: QParams,
-                          bias: torch.Tensor | None, search: str) -> torch.Tensor:
-    """The ``diag(ΔW H ΔWᵀ)`` (per output channel, ``H`` as prepared: normalised and damped) that GPTQ is
-    expected to reach with ``qp``: ``Σ_i e_i² / U_ii²``, with ``e_i`` the rounding error of the unquantized
-    input row ``i`` at the group scales a round-to-nearest quantization of the weight picks."""
-    rounded = quantize_linear(weight, prepared, qp, bias=bias, rtn=True, search=search)
-    err = rounded.weight[: weight.shape[0]].to(torch.float32) - weight.to(torch.float32)
-    row_weights = torch.diagonal(prepared.inv_upper).square().reciprocal()
-    by_column = torch.empty_like(row_weights)
-    by_column[prepared.perm] = row_weights
-    return (err.square() @ by_column).to(torch.float64)
+class _GroupRounding:
+    """GPTQ's expected error for any setting of one linear, from the rounding of its unquantized rows.
+
+    GPTQ's loss is ``Σ_i e_i² / U_ii²`` per output channel for the rounding errors ``e_i`` of the rows it
+    quantizes (in act order, ``U`` the Cholesky factor of the prepared ``H⁻¹``); the rounding error of the
+    unquantized row at its group's scales (searched with the same row weights) stands in for ``e_i``.
+    Settings share many groups (same rows, same width), so each group is rounded once per linear."""
+
+    def __init__(self, weight: torch.Tensor, prepared: PreparedHessian, search: str):
+        self.rows = weight.T[prepared.perm].to(torch.float32)  # [in, out], act order
+        self.row_weights = torch.diagonal(prepared.inv_upper).square().reciprocal()
+        self.search = search
+        self.groups: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def expected_errors(self, qp: QParams) -> torch.Tensor:
+        """``diag(ΔW H ΔWᵀ)`` expected of GPTQ with ``qp``, ``H`` as prepared (normalised, damped)."""
+        total = torch.zeros(self.rows.shape[1], dtype=torch.float64, device=self.rows.device)
+        start = 0
+        for bits, count in qp.groups(self.rows.shape[0]):
+            key = (start, count, bits)
+            if key not in self.groups:
+                self.groups[key] = self._group_errors(start, count, bits)
+            total += self.groups[key]
+            start += count
+        return total
+
+    def _group_errors(self, start: int, count: int, bits: int) -> torch.Tensor:
+        x, w = self.rows[start:start + count], self.row_weights[start:start + count]
+        found = search_scales(x, bits) if self.search == "exllamav2" else search_scales_hessian(x, bits, w)
+        zero, maxq = 1 << (bits - 1), (1 << bits) - 1
+        err = torch.div(x, found.divisor).round_().clamp_(-zero, maxq - zero).mul_(found.scale).sub_(x)
+        return (err.square_() * w.unsqueeze(1)).sum(0, dtype=torch.float64)
 
 
 def candidates_of(module: Module) -> int:
