@@ -21,6 +21,8 @@ import torch
 from exl2core.errors import Exl2Error
 
 EXTENSION_NAME = "exl2core_kernels"
+#: The extension's kernels, by binding name (each self-checked before use: ``selfcheck``).
+KERNELS = ("quantize_rows", "grid_errors", "pack_codes", "unpack_codes", "dequantize", "exl2_matmul")
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 #: Setting this to 1 forces the PyTorch reference path even where the kernels could be built.
 DISABLE_ENV = "EXL2_NO_KERNELS"
@@ -156,6 +158,9 @@ def _load() -> LoadResult:
             return LoadResult(build_extension())
         except Exl2Error as e:
             reason = str(e)
+            print(f"exl2core: CUDA kernels {', '.join(KERNELS)} disabled ({reason}); using the PyTorch path",
+                  file=sys.stderr, flush=True)
+            return LoadResult(None, reason)
     print(f"exl2core: CUDA kernels not used ({reason}); using the PyTorch path", file=sys.stderr, flush=True)
     return LoadResult(None, reason)
 

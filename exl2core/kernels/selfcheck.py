@@ -22,8 +22,7 @@ import torch
 from exl2core.kernels import build
 from exl2core.kernels.layout import group_tables
 
-#: Kernels of the extension, by their binding name.
-KERNELS = ("quantize_rows", "grid_errors", "pack_codes", "unpack_codes", "dequantize", "exl2_matmul")
+KERNELS = build.KERNELS
 CASES = 3
 GRID_RTOL = 1e-4
 MATMUL_TOL = 2e-3  # relative to the largest output, as fp16 accumulation allows
