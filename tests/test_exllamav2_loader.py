@@ -124,14 +124,15 @@ class Upload:
 
 @dataclass
 class StubExtension:
-    """What the stub extension saw: one Upload per ``make_q_matrix`` handle."""
+    """What the stub extension saw: one Upload per ``make_q_matrix`` handle, and every byte range read."""
 
     uploads: dict[int, Upload] = field(default_factory=dict)
+    reads: set[tuple[str, int]] = field(default_factory=set)  # (file, offset of the tensor's data)
     handles: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def module(self) -> types.ModuleType:
         stub = types.ModuleType("exllamav2_ext")
-        stub.stloader_read = stloader_read
+        stub.stloader_read = self.stloader_read
         stub.make_group_map = make_group_map
         stub.make_q_matrix = self.make_q_matrix
         stub.free_q_matrix = lambda handle: self.uploads.pop(handle)
@@ -163,16 +164,17 @@ class StubExtension:
                                       bias.clone() if has_bias else None)
         return handle
 
-
-def stloader_read(filename: str, offset: int, size: int, target: torch.Tensor) -> None:
-    """``ext_stloader.cpp``: ``size`` bytes at ``offset`` of the file into the (CPU) tensor's storage."""
-    assert target.device.type == "cpu" and target.is_contiguous()
-    assert target.numel() * target.element_size() == size, "tensor size and byte range differ"
-    with open(filename, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    assert len(data) == size, f"short read from {filename}"
-    target.view(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    def stloader_read(self, filename: str, offset: int, size: int, target: torch.Tensor) -> None:
+        """``ext_stloader.cpp``: ``size`` bytes at ``offset`` of the file into the (CPU) tensor's storage."""
+        assert target.device.type == "cpu" and target.is_contiguous()
+        assert target.numel() * target.element_size() == size, "tensor size and byte range differ"
+        with open(filename, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        assert len(data) == size, f"short read from {filename}"
+        if size:
+            target.view(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        self.reads.add((str(Path(filename).resolve()), offset))
 
 
 def make_group_map(q_groups: torch.Tensor, num_qrows: int) -> torch.Tensor:
@@ -197,6 +199,7 @@ class Exllamav2:
     ExLlamaV2: type
     ExLlamaV2Config: type
     ExLlamaV2Linear: type
+    ExLlamaV2Module: type
     extension: StubExtension
 
 
@@ -223,10 +226,11 @@ def exllamav2(tmp_path_factory):
     try:
         from exllamav2 import ExLlamaV2, ExLlamaV2Config
         from exllamav2.linear import ExLlamaV2Linear
+        from exllamav2.module import ExLlamaV2Module
         from exllamav2.version import __version__
 
         assert __version__ == EXLLAMAV2_VERSION
-        yield Exllamav2(ExLlamaV2, ExLlamaV2Config, ExLlamaV2Linear, extension)
+        yield Exllamav2(ExLlamaV2, ExLlamaV2Config, ExLlamaV2Linear, ExLlamaV2Module, extension)
     finally:
         torch.cuda.synchronize = synchronize
         sys.path.remove(str(unpacked))
@@ -361,12 +365,23 @@ class LoadedLinear:
     upload: Upload | None  # None: loaded as an fp16 matrix
 
 
-def leaf_modules(modules) -> list:
-    found = []
-    for module in modules:
-        subs = getattr(module, "submodules", [])
-        found += leaf_modules(subs) if subs else [module]
-    return found
+def leaf_modules(ex: Exllamav2, modules) -> list:
+    """Modules without parts of their own, found through ``submodules`` and through attributes (a
+    parallel decoder's shared norm is in no ``submodules`` list), each once."""
+    leaves, seen, todo = [], set(), list(modules)
+    while todo:
+        module = todo.pop(0)
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        values = [*vars(module).values(), getattr(module, "submodules", [])]
+        children = [v for value in values for v in (value if isinstance(value, list) else [value])
+                    if isinstance(v, ex.ExLlamaV2Module)]
+        if children:
+            todo += children
+        else:
+            leaves.append(module)
+    return leaves
 
 
 def load_with_exllamav2(ex: Exllamav2, model_dir: Path):
@@ -374,7 +389,7 @@ def load_with_exllamav2(ex: Exllamav2, model_dir: Path):
     config = ex.ExLlamaV2Config(str(model_dir))  # the constructor runs prepare()
     model = ex.ExLlamaV2(config)
     loaded = []
-    for module in leaf_modules(model.modules):
+    for module in leaf_modules(ex, model.modules):
         module.set_device_idx(-1)
         if not isinstance(module, ex.ExLlamaV2Linear):
             assert module.load_weight() is not None, f"exllamav2 finds no tensor for {module.key}"
@@ -388,6 +403,19 @@ def load_with_exllamav2(ex: Exllamav2, model_dir: Path):
                                    prescale, upload))
         module.unload()
     return config, loaded
+
+
+def tensor_locations(model_dir: Path) -> dict[tuple[str, int], str]:
+    """(file, offset of its data) → tensor name, from the safetensors headers of ``model_dir``."""
+    found = {}
+    for path in model_dir.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                found[str(path.resolve()), 8 + length + info["data_offsets"][0]] = name
+    return found
 
 
 def packed_keys(model_dir: Path) -> set[str]:
@@ -413,6 +441,10 @@ def test_exllamav2_loads_exl2core_output(exllamav2, converted, case):
                      "exl2core must write text-only Gemma 3 in the Gemma3ForConditionalGeneration layout")
     assert config.arch.arch_string == arch, f"exllamav2 does not recognise {arch}"
     config, linears = load_with_exllamav2(exllamav2, out)
+    vision = tuple(p for p in (config.arch.vt_prefix, config.arch.mmp_prefix) if p)
+    unread = {name for where, name in tensor_locations(out).items()
+              if where not in exllamav2.extension.reads and not name.startswith(vision)}
+    assert not unread, f"exllamav2's language model reads none of {sorted(unread)}"
 
     exl2 = {lin.key for lin in linears if lin.upload is not None}
     assert exl2 == packed_keys(out), "exllamav2 took other linears as EXL2 than exl2core packed"
