@@ -148,3 +148,17 @@ def test_a_job_from_before_stage_records_is_not_rewound(tmp_path):
     (work / "job.json").write_text(json.dumps(job))
     with pytest.raises(Exl2Error, match="this job predates resuming with changed settings"):
         Job.prepare(work, Settings(in_dir="m", bits=5.0))
+
+
+def test_a_measure_only_job_goes_on_to_the_model(convert_model, finished, tmp_path, capsys):
+    """`-om` first, then the same job without it: the measurement is kept and the model equals a fresh job's."""
+    work = tmp_path / "job"
+    assert main(["convert", "-i", str(convert_model), "-o", str(work), "-om", str(tmp_path / "m.json"), *CAL]) == 0
+    state = job_state(work)
+    assert state["progress"] == "finished" and "strategy" not in state
+    assert (tmp_path / "m.json").read_bytes() == (work / "measurement.json").read_bytes()
+    capsys.readouterr()
+    assert convert(convert_model, work, tmp_path / "model", "-b", "4.0") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "keeping its measurement and redoing the job from optimize" in err and "Measuring" not in err
+    assert digest(tmp_path / "model") == digest(finished / "model")

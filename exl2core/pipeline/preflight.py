@@ -195,7 +195,10 @@ def estimate_writes(settings: Settings, source: SourceModel, plan: ModelPlan, jo
     width = source.shape(embed)[-1] if embed and source.has(embed) else plan.config.hidden_size
     loops = [p for p in passes if p.stages[-1] in stages]
     if loops:
-        states = max((p.rows + p.noise) * p.length for p in loops) * width * dtype_bytes
+        # The asymmetric fit's quantization checkpoints also hold the unquantized model's stream.
+        streams = {p.purpose: 2 if p.purpose == "quantization" and settings.fit == "asymmetric" else 1
+                   for p in loops}
+        states = max((p.rows + p.noise) * p.length * streams[p.purpose] for p in loops) * width * dtype_bytes
         held = job.state.get("hidden_states")
         existing = _file_bytes([job.path(held)]) if held else 0
         writes.append(Write(work, max(2 * states - existing, states), "hidden-state checkpoints"))
