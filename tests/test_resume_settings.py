@@ -162,3 +162,19 @@ def test_a_measure_only_job_goes_on_to_the_model(convert_model, finished, tmp_pa
     err = " ".join(capsys.readouterr().err.split())
     assert "keeping its measurement and redoing the job from optimize" in err and "Measuring" not in err
     assert digest(tmp_path / "model") == digest(finished / "model")
+
+
+def test_a_job_stuck_at_an_unreachable_target_takes_a_valid_one(tmp_path):
+    """The issue's stuck job (measured, then refused at optimize for -b 1.0, by a version without stage
+    records) resumes with another -b: nothing computed depends on it, so nothing is redone."""
+    work = saved_job(tmp_path, Settings(in_dir="m", bits=1.0), "optimize")
+    job = json.loads((work / "job.json").read_text())
+    del job["written_at"]
+    (work / "job.json").write_text(json.dumps(job))
+    resumed = Job.prepare(work, Settings(in_dir="m", bits=4.0))
+    assert [str(c) for c in resumed.changes] == ["bits: 1.0 (job) vs 4.0 (now)"] and resumed.redo_from is None
+    resumed.start()
+    saved = json.loads((work / "job.json").read_text())
+    assert saved["settings"]["bits"] == 4.0 and saved["state"]["progress"] == "optimize"
+    assert resumed.resume_note() == ("settings changed since the job started (bits 1.0 → 4.0); nothing done so "
+                                     "far depends on them")
