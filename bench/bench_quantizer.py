@@ -75,9 +75,13 @@ def whole(args: argparse.Namespace) -> None:
         base_kl = None
         for name in args.variants:
             out = work / f"out-{bits}-{name}"
-            seconds = convert(["-i", args.model, "-o", str(work / "job"), "-nr", "-m", str(measurement),
-                               "-b", str(bits), "-r", str(args.rows), "-l", str(args.length), "-cf", str(out),
-                               *VARIANTS[name]])
+            timing = work / f"out-{bits}-{name}.seconds"
+            if not timing.is_file():  # a rerun in the same --work reuses the finished conversions
+                seconds = convert(["-i", args.model, "-o", str(work / "job"), "-nr", "-m", str(measurement),
+                                   "-b", str(bits), "-r", str(args.rows), "-l", str(args.length), "-cf",
+                                   str(out), *VARIANTS[name]])
+                timing.write_text(f"{seconds:.1f}\n")
+            seconds = float(timing.read_text())
             result = evaluate(open_model(out, "cpu"), windows, ref)
             base_kl = result.kl_divergence if name == "exllamav2" else base_kl
             ratio = f"{result.kl_divergence / base_kl:.2f}×" if base_kl else "–"
@@ -159,7 +163,8 @@ def main() -> None:
     w.add_argument("--length", type=int, default=512)
     w.add_argument("--eval-rows", type=int, default=6)
     w.add_argument("--eval-length", type=int, default=2048)
-    w.add_argument("--work", help="working directory (default: a new temporary one)")
+    w.add_argument("--work", help="working directory (default: a new temporary one); a rerun in the same one "
+                                  "reuses its measurement and finished conversions")
     w.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     b = sub.add_parser("blocks", help="held-out hidden-state error after each block, per variant")
     b.add_argument("model", nargs="?", help="directory or bench/models.py name (default smollm2)")

@@ -43,13 +43,13 @@ def _add_convert(sub) -> None:
     p.add_argument("--scale-search", choices=SCALE_SEARCHES, default="hessian",
                    help="group scales minimising GPTQ's Hessian-weighted error (default), or exactly "
                         "exllamav2's choice")
-    p.add_argument("--fit", choices=FITS, default="local",
-                   help="local: each linear on its block's inputs (exllamav2); sequential: o/down projections "
-                        "on what the quantized q/k/v, gate/up give; asymmetric: sequential and fitted to the "
-                        "unquantized model's output (GPTAQ)")
-    p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
-                   help="table: group bit widths as the candidate table lays them out; hessian: rows moved "
-                        "between the setting's widths and group sizes where GPTQ's error model gains, same size")
+    p.add_argument("--fit", choices=FITS, default="asymmetric",
+                   help="asymmetric (default): each linear fitted to the unquantized model's output from its "
+                        "quantized input, o/down projections after the quantized q/k/v, gate/up (GPTAQ); "
+                        "sequential: that order, own outputs; local: each linear on its block's inputs (exllamav2)")
+    p.add_argument("--bit-layout", choices=LAYOUTS, default="hessian",
+                   help="hessian (default): rows moved between the setting's widths and group sizes where GPTQ's "
+                        "error model gains, same size; table: group bit widths as the candidate table lays them out")
     p.add_argument("--measure", default="exact", metavar="{exact,hessian,fast}",
                    help="exact: one block forward per candidate, as exllamav2 (default); hessian: GPTQ per "
                         "candidate scored on its Hessian; fast: GPTQ's expected error, no quantization per "
