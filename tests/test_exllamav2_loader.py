@@ -426,6 +426,20 @@ def packed_keys(model_dir: Path) -> set[str]:
     return keys
 
 
+def source_settings(source: Path) -> dict[str, float]:
+    """The language model's shape and RoPE base as transformers reads the source checkpoint."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(source).get_text_config()
+    params = text.rope_parameters
+    if all(isinstance(v, dict) for v in params.values()):
+        params = params["full_attention"]
+    return {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            "vocab_size": text.vocab_size, "rotary_embedding_base": params["rope_theta"]}
+
+
 def architecture(model_dir: Path) -> str:
     return json.loads((model_dir / "config.json").read_text())["architectures"][0]
 
@@ -440,6 +454,8 @@ def test_exllamav2_loads_exl2core_output(exllamav2, converted, case):
         pytest.xfail("issue #16: exllamav2 0.3.2 does not recognise Gemma3ForCausalLM (loads it as Llama); "
                      "exl2core must write text-only Gemma 3 in the Gemma3ForConditionalGeneration layout")
     assert config.arch.arch_string == arch, f"exllamav2 does not recognise {arch}"
+    expected = source_settings(out.parent / "src")
+    assert {key: getattr(config, key) for key in expected} == expected, "exllamav2 reads another config"
     config, linears = load_with_exllamav2(exllamav2, out)
     vision = tuple(p for p in (config.arch.vt_prefix, config.arch.mmp_prefix) if p)
     unread = {name for where, name in tensor_locations(out).items()
