@@ -207,7 +207,7 @@ step gpu 30 0 "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.ma
 step install 120 0 "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $STATE/site $STATE/wheels/*.whl && $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . && $PY -c 'import exl2core, gguf, fastparquet; print(\"installed\")'"
 background exllamav2-build "$PY -c 'import exllamav2, exllamav2.ext; print(\"exllamav2\", exllamav2.__version__, \"extension built\")'"
 step kernels-build 300 0 "$PY -m exl2core.cli doctor"
-step kernel-tests 180 0 "$PYTEST tests/test_kernels.py"
+step cuda-tests 240 0 "$PYTEST tests/test_kernels.py && $PYTEST -m cuda tests/test_gptq.py"
 step loader-test 120 0 "EXL2_EXLLAMAV2_WHEEL=$STATE/wheels/exllamav2-0.3.2-py3-none-any.whl $PYTEST tests/test_exllamav2_loader.py"
 wait_background exllamav2-build
 step compare-exl2core 240 1 "$COMPARE --tools exl2core"

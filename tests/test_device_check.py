@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "device_check.sh"
 #: The check's steps in order: the model is joined first, the steps that need it come after the builds and
 #: the tests that need no model (so a first call without all model parts does those).
-STEPS = ["model", "gpu", "install", "exllamav2-build", "kernels-build", "kernel-tests", "loader-test",
+STEPS = ["model", "gpu", "install", "exllamav2-build", "kernels-build", "cuda-tests", "loader-test",
          "compare-exl2core", "compat-smollm2", "compare-exllamav2", "compare-table", "compat-tiny"]
 NEEDS_MODEL = {"compare-exl2core", "compat-smollm2", "compare-exllamav2", "compare-table", "compat-tiny"}
 STEP_LINE = re.compile(r"^step (?P<name>[\w-]+)(?: \((?P<how>[^)]*)\))?: (?P<command>.+)$")
@@ -65,6 +65,9 @@ def test_commands_name_files_and_tests_that_exist(plan):
     assert model == f"{work}/exl2core/{bits}/model"
     assert "EXL2_EXLLAMAV2_WHEEL=" in plan["loader-test"][1] and "exllamav2-0.3.2" in plan["loader-test"][1]
     assert "--no-index" in plan["install"][1]  # the device has no network
+    for test_file in sorted((REPO / "tests").glob("test_*.py")):  # every test that can use the GPU runs
+        if test_file.name != Path(__file__).name and "torch.cuda.is_available()" in test_file.read_text():
+            assert f"tests/{test_file.name}" in commands, f"no step runs {test_file.name}"
 
 
 def _compare_parser():
