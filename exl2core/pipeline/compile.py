@@ -17,7 +17,7 @@ from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.plan import ModelPlan
 from exl2core.plugins import plugin_manager
-from exl2core.pipeline.job import WriteError, atomic_write, load_tensors, save_tensors, write_json
+from exl2core.pipeline.job import WriteError, atomic_write, disk_error, load_tensors, save_tensors, write_json
 from exl2core.pipeline.quantize import tensor_file
 
 LOADABLE = (torch.int32, torch.int16, torch.float16, torch.bfloat16, torch.float32)
@@ -60,7 +60,10 @@ def write_shards(chunks, target: Path, shard_mb: float) -> list[Path]:
     """
     limit = SHARD_UNLIMITED if shard_mb <= 0 else int(shard_mb * 1024 ** 2)
     for old in list(target.glob("output*.safetensors")) + list(target.glob(".output*")):
-        old.unlink()
+        try:
+            old.unlink()
+        except OSError as e:
+            raise disk_error(old, e) from None
     written: list[Path] = []
     pending: dict[str, torch.Tensor] = {}
 
