@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import exl2core.pipeline.convert as convert_module
 import exl2core.pipeline.job as job_module
 from exl2core.cli import main
+from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.pipeline import preflight
 from exl2core.plugins import resolve_plan
@@ -157,3 +158,18 @@ def test_disk_full_while_compiling_leaves_no_temporary_files_and_resumes(convert
         packed_q = load_file(str(work / "out_tensor" / "model.layers.1.mlp.down_proj.safetensors"))
         for key, t in packed_q.items():
             assert torch.equal(f.get_tensor(key), t)
+
+
+def test_a_weight_beyond_float16_is_named_when_computing_in_float16(convert_model, tmp_path):
+    """On a GPU the blocks run in float16: a finite source value beyond its range is named as such."""
+    def huge(t):
+        t["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e6
+
+    model = edited_model(convert_model, tmp_path / "model", huge)
+    source = SourceModel(model)
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.isfinite(source.finite_tensor(key, torch.float32)).all()
+    with pytest.raises(Exl2Error) as e:
+        source.finite_tensor(key, torch.float16)
+    assert str(e.value) == (f"source tensor {key!r}: 1 non-finite value (0 NaN, 1 inf) of 131072 after conversion "
+                            "to torch.float16 (values beyond its range, largest magnitude 1e+06)")
