@@ -3,8 +3,9 @@
     python bench/bench_calibration.py                                  # SmolLM2-135M, then Gemma-3-270M
     python bench/bench_calibration.py --models smollm2 --bits 4.0 --work /tmp/calbench
 
-For every model and mix: one measurement pass (``-om``, measurement rows × length), then one
-quantization pass per bitrate reusing that measurement (``-m``), all other settings exl2core's defaults.
+For every model and mix: one measurement pass (``-om``, measurement rows × length; ``--measure`` as in
+``exl2 convert``), then one quantization pass per bitrate reusing that measurement (``-m``), all other
+settings exl2core's defaults.
 Each EXL2 model is scored against its FP16 source on the held-out domains of ``exl2 eval --domain``
 (encyclopedic prose, code, chat rendered with the model's chat template): mean KL(FP16 ‖ EXL2) per
 token, perplexity, top-1 agreement. The table gives each figure for v1 and v2 side by side and the KL
@@ -34,6 +35,7 @@ from exl2core.pipeline.convert import Runtime, convert  # noqa: E402
 from exl2core.pipeline.job import Settings  # noqa: E402
 
 DOMAINS = ("encyclopedic", "code", "chat")
+MIXES = ("v1", "v2")
 #: Issue #19: v2's KL at most this fraction of v1's on these domains …
 IMPROVE_DOMAINS = {"encyclopedic": 0.85, "chat": 0.85}
 #: … and no domain worse than this.
@@ -50,9 +52,10 @@ class Score:
 
 
 def measure(model_dir: Path, work: Path, mix: str, args) -> Path:
-    path = work / f"measurement-{mix}.json"
+    path = work / f"measurement-{mix}-{args.measure}.json"
     if not path.is_file():
-        convert(Settings(in_dir=str(model_dir), cal_mix=mix, measurement_rows=args.measurement_rows,
+        convert(Settings(in_dir=str(model_dir), cal_mix=mix, measure=args.measure,
+                         measurement_rows=args.measurement_rows,
                          measurement_length=args.length, rows=args.rows, length=args.length,
                          output_measurement=str(path)),
                 work / f"job-measure-{mix}", Runtime(quiet=True), restart=True)
@@ -60,9 +63,10 @@ def measure(model_dir: Path, work: Path, mix: str, args) -> Path:
 
 
 def quantize(model_dir: Path, work: Path, mix: str, bits: float, measurement: Path, args) -> Path:
-    out = work / f"model-{mix}-{bits}"
+    out = work / f"model-{mix}-{args.measure}-{bits}"
     if not (out / "config.json").is_file():
-        convert(Settings(in_dir=str(model_dir), cal_mix=mix, bits=bits, measurement=str(measurement),
+        convert(Settings(in_dir=str(model_dir), cal_mix=mix, measure=args.measure, bits=bits,
+                         measurement=str(measurement),
                          measurement_rows=args.measurement_rows, measurement_length=args.length,
                          rows=args.rows, length=args.length, compile_full=str(out)),
                 work / f"job-{mix}-{bits}", Runtime(quiet=True), restart=True)
@@ -79,7 +83,7 @@ def score(model_dir: Path, ref_dir: Path, domain: str, args) -> Score:
                  result.windows)
 
 
-def table(results: dict, models: list[str], bits: list[float]) -> tuple[list[str], list[str]]:
+def table(results: dict, models: list[str], bits: list[float], mode: str) -> tuple[list[str], list[str]]:
     """Markdown rows, and the targets missed."""
     lines = ["| model | bpw | domain | KL v1 | KL v2 | v2/v1 | ppl v1 | ppl v2 | ppl FP16 | top-1 v1 | top-1 v2 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -87,7 +91,7 @@ def table(results: dict, models: list[str], bits: list[float]) -> tuple[list[str
     for name in models:
         for b in bits:
             for domain in DOMAINS:
-                one, two = (results.get(f"{name}/{mix}/{b}/{domain}") for mix in ("v1", "v2"))
+                one, two = (results.get(f"{name}/{mode}/{mix}/{b}/{domain}") for mix in MIXES)
                 if one is None or two is None:
                     continue
                 ratio = two["kl"] / one["kl"]
@@ -108,6 +112,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=16, help="quantization rows")
     parser.add_argument("--length", type=int, default=512, help="tokens per calibration row and eval window")
     parser.add_argument("--eval-rows", type=int, default=8, help="evaluation windows per domain (at most)")
+    parser.add_argument("--measure", default="exact", help="measurement mode (exl2 convert --measure)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/exl2-bench-calibration"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -118,21 +123,23 @@ def main() -> int:
     for name in args.models:
         model_dir = MODELS[name]()
         work = args.work / name
-        for mix in ("v1", "v2"):
+        measurements = {}
+        for mix in MIXES:
             started = time.monotonic()
-            measurement = measure(model_dir, work, mix, args)
+            measurements[mix] = measure(model_dir, work, mix, args)
             print(f"{name} {mix}: measurement {time.monotonic() - started:.0f} s", flush=True)
-            for b in args.bits:
+        for b in args.bits:  # both mixes at one bitrate before the next, so a cut-short run still compares
+            for mix in MIXES:
                 started = time.monotonic()
-                out = quantize(model_dir, work, mix, b, measurement, args)
+                out = quantize(model_dir, work, mix, b, measurements[mix], args)
                 print(f"{name} {mix} {b} bpw: quantization {time.monotonic() - started:.0f} s", flush=True)
                 for domain in DOMAINS:
-                    key = f"{name}/{mix}/{b}/{domain}"
+                    key = f"{name}/{args.measure}/{mix}/{b}/{domain}"
                     if key not in results:
                         results[key] = asdict(score(out, model_dir, domain, args))
                         results_path.write_text(json.dumps(results, indent=1))
                     print(f"  {domain}: {results[key]}", flush=True)
-    lines, missed = table(results, args.models, args.bits)
+    lines, missed = table(results, args.models, args.bits, args.measure)
     print("\n".join(lines))
     print("targets met" if not missed else "targets missed:\n  " + "\n  ".join(missed))
     return 0
