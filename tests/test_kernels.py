@@ -347,6 +347,7 @@ def test_kernel_that_raises_is_disabled(fresh_loader, capsys):
     assert len(lines) == 2
     assert re.match(DISABLED_LINE.format("quantize_rows"), lines[0])
     assert re.match(DISABLED_LINE.format("exl2_matmul"), lines[1]) and "illegal memory access" in lines[1]
+    assert checked.states["exl2_matmul"].raised and not checked.states["quantize_rows"].raised
     w, scale = rows_and_scale(4, 2, 32, 0)
     codes, q, _ = kernels.quantize_group(w, scale, 8, 15)
     assert torch.equal(q, gptq.quantize_rows(w, scale, 8, 15)[1])
@@ -387,6 +388,10 @@ def test_self_check_outcome_is_cached_per_build(fresh_loader, monkeypatch, tmp_p
     assert selfcheck.read_cache(tmp_path) is None
     os.utime(library, ns=(1, 1))
     assert selfcheck.read_cache(tmp_path) is None
+    # an outcome with a kernel that raised (out of memory, say) is not kept: the next process checks again
+    (tmp_path / selfcheck.CACHE_NAME).unlink()
+    selfcheck.write_cache(tmp_path, selfcheck.check_all(FakeExtension(raises=("grid_errors",)), "cpu"))
+    assert not (tmp_path / selfcheck.CACHE_NAME).exists()
 
 
 # -- CUDA: kernels against the reference --------------------------------------------------------------

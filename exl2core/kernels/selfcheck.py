@@ -34,11 +34,15 @@ _BITS = (2, 3, 4, 5, 6, 8)
 
 @dataclass(frozen=True)
 class KernelState:
-    """A kernel's self-check outcome: ``usable`` and a one-line ``detail`` (what passed, or what differed)."""
+    """A kernel's self-check outcome: ``usable`` and a one-line ``detail`` (what passed, or what differed).
+
+    ``raised``: the kernel raised instead of answering (maybe out of memory), so the outcome is not cached
+    and the next process checks it again."""
 
     name: str
     usable: bool
     detail: str
+    raised: bool = False
 
 
 @dataclass
@@ -231,7 +235,7 @@ def check_kernel(module: object, name: str, device: str) -> KernelState:
     except Mismatch as e:
         return KernelState(name, False, f"differs from the PyTorch reference: {e}")
     except Exception as e:  # noqa: BLE001 -- whatever a kernel raises disables it instead of the run
-        return KernelState(name, False, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return KernelState(name, False, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200]}", True)
     return KernelState(name, True, f"passed {CASES} random cases ({_TOLERANCE.get(name, 'bit-exact')})")
 
 
@@ -264,6 +268,9 @@ def read_cache(directory: Path) -> dict[str, KernelState] | None:
 
 
 def write_cache(directory: Path, states: dict[str, KernelState]) -> None:
+    """Keep the outcome for later processes of this build, unless a kernel raised (check it again then)."""
+    if any(state.raised for state in states.values()):
+        return
     identity = _library_identity(directory / f"{build.EXTENSION_NAME}.so")
     if identity is None:
         return
