@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY_RUN=1 ;;
         --only) ONLY=${2:?--only needs step names}; shift ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         -*) echo "device_check.sh: unknown option $1" >&2; exit 2 ;;
         *) RESULTS=$1 ;;
     esac
