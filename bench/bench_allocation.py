@@ -1,9 +1,11 @@
 """Measurement modes side by side: ``--measure exact`` (one block forward per candidate, exllamav2's
-method, Σ err² allocation) against ``--measure fast`` (Hessian-scored candidates, allocation by the KL
-predicted from each linear's output sensitivity), on real models and held-out text.
+method, Σ err² allocation) against ``--measure fast`` (GPTQ's expected error of each candidate, allocation
+by the KL predicted from each linear's output sensitivity; ``--modes`` may add ``hessian``), on real
+models and held-out text.
 
     python bench/bench_allocation.py [--models smollm2 gemma3-270m] [--bits 2.5 3.0 4.0 5.0]
-        [-mr 4 -ml 512 -r 16 -l 512] [--eval-rows 8] [--work /tmp/bench_allocation] [--append-to FILE]
+        [--modes exact fast] [-mr 4 -ml 512 -r 16 -l 512] [--eval-rows 8] [--work /tmp/bench_allocation]
+        [--append-to FILE]
 
 Per model: one measurement per mode (``exl2 convert -om``, timed), then for each target one quantization
 per mode reusing that measurement (``-m``) with the same quantization rows, so only the allocation differs;
@@ -36,12 +38,18 @@ from exl2core.eval.data import DEFAULT_DATA_NAME, load_text, token_windows  # no
 from exl2core.eval.perplexity import evaluate  # noqa: E402
 from exl2core.model.exl2_weights import open_model  # noqa: E402
 
-MODES = ("exact", "fast")
 
 
 def convert(args: list[str], log: Path) -> tuple[float, float]:
     """Run ``exl2 convert`` with ``args``; returns its wall time and CPU time (user + system) in seconds,
-    the latter less sensitive to other work on a shared machine (raises with the log's tail on failure)."""
+    the latter less sensitive to other work on a shared machine (raises with the log's tail on failure).
+
+    The times are kept beside the log (``.seconds.json``): a step whose times exist is not run again, and an
+    interrupted step resumes (its job directory is reused), so a rerun of the benchmark continues."""
+    timing = log.with_suffix(".seconds.json")
+    if timing.is_file():
+        saved = json.loads(timing.read_text())
+        return saved["seconds"], saved["cpu_seconds"]
     started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out:
         proc = subprocess.run([sys.executable, "-m", "exl2core.cli", "convert", "--device", "cpu", *args],
@@ -50,7 +58,9 @@ def convert(args: list[str], log: Path) -> tuple[float, float]:
         raise RuntimeError(f"exl2 convert failed ({log}):\n{log.read_text()[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return time.monotonic() - started, cpu
+    seconds = time.monotonic() - started
+    timing.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu}))
+    return seconds, cpu
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -108,28 +118,28 @@ def run_model(name: str, model_dir: Path, a, work: Path, results: dict, windows_
     base.mkdir(parents=True, exist_ok=True)
     res = results.setdefault(name, {"measure": {}, "quant": {}})
     cal = ["-mr", str(a.measurement_rows), "-ml", str(a.measurement_length)]
-    for mode in MODES:
+    for mode in a.modes:
         if mode in res["measure"]:
             continue
-        seconds, cpu = convert(["-i", str(model_dir), "-o", str(base / f"meas-{mode}"), "-nr", "--measure", mode,
+        seconds, cpu = convert(["-i", str(model_dir), "-o", str(base / f"meas-{mode}"), "--measure", mode,
                                 "-om", str(base / f"meas-{mode}.json"), *cal], base / f"meas-{mode}.log")
         res["measure"][mode] = {"seconds": seconds, "cpu_seconds": cpu}
         save(work, results)
     exact = json.loads((base / "meas-exact.json").read_text())
-    fast = json.loads((base / "meas-fast.json").read_text())
-    res["rank"] = rank_agreement(exact, fast)
+    res["rank"] = {mode: rank_agreement(exact, json.loads((base / f"meas-{mode}.json").read_text()))
+                   for mode in a.modes if mode != "exact"}
     ref = open_model(model_dir, "cpu")
     key = str(model_dir)
     if key not in windows_cache:
         windows_cache[key] = token_windows(ref.source.tokenizer, load_text(None), a.length, a.eval_rows)
     windows = windows_cache[key]
     for bits in a.bits:
-        for mode in MODES:
+        for mode in a.modes:
             tag = f"{mode}-{bits}"
             if tag in res["quant"]:
                 continue
             job, out = base / f"q-{tag}", base / f"q-{tag}-model"
-            seconds, cpu = convert(["-i", str(model_dir), "-o", str(job), "-nr", "-m", str(base / f"meas-{mode}.json"),
+            seconds, cpu = convert(["-i", str(model_dir), "-o", str(job), "-m", str(base / f"meas-{mode}.json"),
                                "-b", str(bits), "-r", str(a.rows), "-l", str(a.length), "-cf", str(out)],
                               base / f"q-{tag}.log")
             state = json.loads((job / "job.json").read_text())["state"]
@@ -150,51 +160,48 @@ def save(work: Path, results: dict) -> None:
 
 
 def report(results: dict, a, command: str) -> str:
-    lines = ["## Measurement modes: exact (forward per candidate) vs fast (Hessian + output sensitivity)", "",
-             f"`{command}` (2-core CPU; measurement {a.measurement_rows} × {a.measurement_length} tokens, "
-             f"quantization {a.rows} × {a.length}, held-out {a.eval_rows} × {a.length} tokens of "
-             f"{DEFAULT_DATA_NAME}; each quantization reuses its mode's measurement, so only the allocation "
-             "differs).", ""]
+    lines = ["## Measurement modes: exact (a forward per candidate) vs fast (expected GPTQ error and output "
+             "sensitivity)", "",
+             f"`{command}` (2-core CPU shared with other work, so CPU seconds are the comparable cost; measurement "
+             f"{a.measurement_rows} × {a.measurement_length} tokens, quantization {a.rows} × {a.length}, held-out "
+             f"{a.eval_rows} × {a.length} tokens of {DEFAULT_DATA_NAME}; each quantization reuses its mode's "
+             "measurement with the same rows, so only the allocation differs).", ""]
     for name, res in results.items():
-        ex, fa = res["measure"]["exact"], res["measure"]["fast"]
-        rank = res["rank"]
-        lines += [f"### {name}", "",
-                  f"Measurement (`-om`, tokens and embeddings included): exact {ex['seconds']:.0f} s wall, "
-                  f"{ex['cpu_seconds']:.0f} s CPU; fast {fa['seconds']:.0f} s wall, {fa['cpu_seconds']:.0f} s CPU "
-                  f"({ex['cpu_seconds'] / fa['cpu_seconds']:.1f}× less CPU time).", "",
-                  "Ranking of each slot's candidates against the exact mode's measured error (Spearman over "
-                  f"{len(rank['kl'])} slots): Hessian error median {np.nanmedian(rank['hessian']):.3f} "
-                  f"(min {np.nanmin(rank['hessian']):.3f}); predicted KL median {np.nanmedian(rank['kl']):.3f} "
-                  f"(min {np.nanmin(rank['kl']):.3f}).", "",
-                  "| target | mode | bpw | predicted KL | KL | KL fast/exact | perplexity | top-1 |",
+        exact = res["measure"]["exact"]
+        lines += [f"### {name}", "", "| measurement | wall (s) | CPU (s) | CPU vs exact | rank agreement with "
+                  "exact per slot (Spearman, median / min): record error, predicted KL |", "|---|---|---|---|---|"]
+        for mode in a.modes:
+            m = res["measure"][mode]
+            rank = res["rank"].get(mode)
+            agreement = (f"{np.nanmedian(rank['hessian']):.3f} / {np.nanmin(rank['hessian']):.3f}, "
+                         f"{np.nanmedian(rank['kl']):.3f} / {np.nanmin(rank['kl']):.3f}") if rank else "–"
+            lines.append(f"| {mode} | {m['seconds']:.0f} | {m['cpu_seconds']:.0f} | "
+                         f"{exact['cpu_seconds'] / m['cpu_seconds']:.1f}× less | {agreement} |")
+        lines += ["", "| target | mode | bpw | predicted KL | KL | KL vs exact | perplexity | top-1 |",
                   "|---|---|---|---|---|---|---|---|"]
         for bits in a.bits:
-            row = {m: res["quant"].get(f"{m}-{bits}") for m in MODES}
-            for mode in MODES:
-                q = row[mode]
+            ref = res["quant"].get(f"exact-{bits}")
+            for mode in a.modes:
+                q = res["quant"].get(f"{mode}-{bits}")
                 if q is None:
                     continue
-                ratio = (f"{q['kl'] / row['exact']['kl']:.2f}×" if mode == "fast" and row["exact"] else "")
+                ratio = f"{q['kl'] / ref['kl']:.2f}×" if ref and mode != "exact" else ""
                 pred = f"{q['predicted_kl']:.4f}" if q["predicted_kl"] is not None else "–"
                 lines.append(f"| {bits} | {mode} | {q['bpw']:.4f} | {pred} | {q['kl']:.4f} | {ratio} | "
                              f"{q['perplexity']:.3f} | {100 * q['top1']:.2f} % |")
         any_q = next(iter(res["quant"].values()))
         lines += ["", f"FP16 perplexity {any_q['ref_perplexity']:.3f}.", ""]
-        mid = a.bits[len(a.bits) // 2 - 1] if len(a.bits) > 1 else a.bits[0]
-        ex_bits, fa_bits = res["quant"].get(f"exact-{mid}"), res["quant"].get(f"fast-{mid}")
-        if ex_bits and fa_bits:
-            lines += [f"Bits per weight of each slot at {mid} bpw (exact / fast):", "",
-                      "| slot | exact | fast |", "|---|---|---|"]
-            numel = slot_numel(results_model_dir(name))
-            for key in ex_bits["slot_bits"]:
-                lines.append(f"| {key} | {ex_bits['slot_bits'][key] / numel[key]:.2f} | "
-                             f"{fa_bits['slot_bits'][key] / numel[key]:.2f} |")
+        mid = 3.0 if 3.0 in a.bits else a.bits[0]
+        chosen = {mode: res["quant"].get(f"{mode}-{mid}") for mode in a.modes}
+        if all(chosen.values()):
+            numel = slot_numel(MODELS[name]())
+            lines += [f"Bits per weight of each slot at {mid} bpw:", "",
+                      "| slot | " + " | ".join(a.modes) + " |", "|---" * (len(a.modes) + 1) + "|"]
+            for key in chosen["exact"]["slot_bits"]:
+                lines.append(f"| {key} | " + " | ".join(f"{chosen[m]['slot_bits'][key] / numel[key]:.2f}"
+                                                          for m in a.modes) + " |")
             lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def results_model_dir(name: str) -> Path:
-    return MODELS[name]()
 
 
 def slot_numel(model_dir: Path) -> dict[str, int]:
@@ -215,6 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 4.0, 5.0])
+    parser.add_argument("--modes", nargs="+", default=["exact", "fast"], choices=["exact", "hessian", "fast"])
     parser.add_argument("-mr", "--measurement-rows", type=int, default=4)
     parser.add_argument("-ml", "--measurement-length", type=int, default=512)
     parser.add_argument("-r", "--rows", type=int, default=16)
@@ -223,6 +231,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_allocation"))
     parser.add_argument("--append-to", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
     a = parser.parse_args()
+    if a.modes[0] != "exact":
+        parser.error("--modes must start with exact, the baseline the others are compared with")
     torch.manual_seed(0)
     a.work.mkdir(parents=True, exist_ok=True)
     path = a.work / "results.json"
