@@ -71,6 +71,15 @@ def test_sensitivities_cover_every_measured_linear_finite_and_positive(tiny_mode
                         assert g.sum() > 0, (module.key, lin.name)
 
 
+def test_sensitivity_after_inference_mode_forwards(tiny_llama):
+    """Tables cached by an earlier forward under inference mode (measurement) serve the backward pass."""
+    ids = tiny_llama.random_ids(batch=1, length=40)
+    source, plan = _open(tiny_llama)
+    with torch.inference_mode():
+        forward_logits(source, plan, ids)
+    _sensitivity(tiny_llama, ids)
+
+
 def test_sensitivity_is_deterministic_and_saved_exactly(tiny_llama, tmp_path):
     ids = tiny_llama.random_ids(batch=2, length=24)
     a = _sensitivity(tiny_llama, ids, seed=3)[2]

@@ -99,12 +99,15 @@ def inv_freq(spec: RopeSpec, dim: int, seq_len: int = 0, max_position: int | Non
 @lru_cache(maxsize=16)
 def _tables(spec: RopeSpec, head_dim: int, seq_len: int, style: str, max_position: int | None,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    dim = rotary_dim(spec, head_dim)
-    positions = torch.arange(seq_len, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq(spec, dim, seq_len, max_position))
-    angles = torch.cat((freqs, freqs), -1) if style == "neox" else freqs.repeat_interleave(2, -1)
-    scale = attention_factor(spec)
-    return (angles.cos() * scale).to(device), (angles.sin() * scale).to(device)
+    # Cached tables are made outside inference mode, so a later forward under autograd (the sensitivity
+    # pass) may use them too.
+    with torch.inference_mode(False):
+        dim = rotary_dim(spec, head_dim)
+        positions = torch.arange(seq_len, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq(spec, dim, seq_len, max_position))
+        angles = torch.cat((freqs, freqs), -1) if style == "neox" else freqs.repeat_interleave(2, -1)
+        scale = attention_factor(spec)
+        return (angles.cos() * scale).to(device), (angles.sin() * scale).to(device)
 
 
 def rope_tables(spec: RopeSpec, head_dim: int, seq_len: int, style: str = "neox",
