@@ -86,8 +86,8 @@ def measure_sensitivity(plan: ModelPlan, weights_of: Callable[[Module], dict[str
                         on_module: Callable[[], None] | None = None) -> Sensitivity:
     """Run ``ids`` (``[rows, T]``) forward through ``plan``, sample labels from the model's own output,
     and propagate the gradient of their log-likelihood back, block by block, recording each measured
-    linear's squared output gradient. ``weights_of(module)`` loads a module's weights (read twice);
-    ``on_module`` is called once per module per direction (2 × modules calls)."""
+    linear's squared output gradient. ``weights_of(module)`` loads a module's weights (each block's
+    twice); ``on_module`` is called once per module and direction (:func:`sensitivity_steps` calls)."""
     modules = plan.modules
     blocks = [i for i, m in enumerate(modules) if m.slots]
     last = max(blocks)
