@@ -47,9 +47,10 @@ def _add_convert(sub) -> None:
                    help="asymmetric (default): each linear fitted to the unquantized model's output from its "
                         "quantized input, o/down projections after the quantized q/k/v, gate/up (GPTAQ); "
                         "sequential: that order, own outputs; local: each linear on its block's inputs (exllamav2)")
-    p.add_argument("--bit-layout", choices=LAYOUTS, default="hessian",
-                   help="hessian (default): rows moved between the setting's widths and group sizes where GPTQ's "
-                        "error model gains, same size; table: group bit widths as the candidate table lays them out")
+    p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
+                   help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
+                        "moved between the setting's widths and group sizes where GPTQ's error model gains, same "
+                        "size (lower block errors, but a higher whole-model KL on SmolLM2: bench/RESULTS.md)")
     p.add_argument("--measure", default="exact", metavar="{exact,hessian,fast}",
                    help="exact: one block forward per candidate, as exllamav2 (default); hessian: GPTQ per "
                         "candidate scored on its Hessian; fast: GPTQ's expected error, no quantization per "
