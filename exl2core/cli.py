@@ -43,19 +43,19 @@ def _add_convert(sub) -> None:
     p.add_argument("--scale-search", choices=SCALE_SEARCHES, default="hessian",
                    help="group scales minimising GPTQ's Hessian-weighted error (default), or exactly "
                         "exllamav2's choice")
-    p.add_argument("--fit", choices=FITS, default="asymmetric",
-                   help="asymmetric (default): each linear fitted to the unquantized model's output from its "
-                        "quantized input, o/down projections after the quantized q/k/v, gate/up (GPTAQ); "
-                        "sequential: that order, own outputs; local: each linear on its block's inputs (exllamav2)")
+    p.add_argument("--fit", choices=FITS, default="local",
+                   help="local (default): each linear on its block's inputs (exllamav2); asymmetric: each linear "
+                        "fitted to the unquantized model's output from its quantized input, o/down projections "
+                        "after the quantized q/k/v, gate/up (GPTAQ); sequential: that order, own outputs")
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
                         "moved between the setting's widths and group sizes where GPTQ's error model gains, same "
                         "size (lower block errors, but a higher whole-model KL on SmolLM2: bench/RESULTS.md)")
-    p.add_argument("--measure", default="exact", metavar="{exact,hessian,fast}",
-                   help="exact: one block forward per candidate, as exllamav2 (default); hessian: GPTQ per "
-                        "candidate scored on its Hessian; fast: GPTQ's expected error, no quantization per "
-                        "candidate; hessian and fast allocate bits by the KL predicted from the model's "
-                        "output sensitivity")
+    p.add_argument("--measure", default="exact", metavar="{exact,fast,hessian}",
+                   help="exact (default): one block forward per candidate, as exllamav2; fast: GPTQ's expected "
+                        "error, no quantization or forward per candidate (4-9x faster); hessian: GPTQ per "
+                        "candidate scored on its Hessian; fast and hessian allocate bits by the KL predicted "
+                        "from the model's output sensitivity")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")

@@ -196,3 +196,18 @@ def test_expected_gptq_error_tracks_gptqs_real_error(tiny_llama):
         assert all(1 / 1.5 < e / r < 1.5 for e, r in zip(fast_kl, hessian_kl))
         order = sorted(range(len(real)), key=real.__getitem__)
         assert sorted(range(len(expected)), key=expected.__getitem__)[-3:] == order[-3:]
+
+
+def test_non_finite_logits_are_a_clear_error(tiny_llama):
+    from exl2core.errors import Exl2Error
+
+    source, plan = _open(tiny_llama)
+
+    def weights_of(module):
+        w = source.module_weights(module, torch.float32, "cpu")
+        if module.kind == "head":
+            w["lm_head"][0, 0] = float("inf")
+        return w
+
+    with pytest.raises(Exl2Error, match="non-finite logits in the sensitivity pass"):
+        measure_sensitivity(plan, weights_of, tiny_llama.random_ids(batch=1, length=16), "cpu", 0)

@@ -144,6 +144,10 @@ def _head_gradients(tail: list[Module], weights_of, inputs: list[torch.Tensor], 
                 for module, w, fwd in zip(tail, weights, forwards):
                     z = fwd(module, w, z, None)
                 p = torch.softmax(z.detach().float(), dim=-1)
+                if not torch.isfinite(p.sum()):
+                    raise Exl2Error("non-finite logits in the sensitivity pass (the source model overflows in "
+                                    "this precision, or holds non-finite weights); convert with --measure exact "
+                                    "to find the module that produces them")
                 labels = torch.multinomial(p.reshape(-1, p.shape[-1]).cpu(), 1, generator=gen).to(p.device)
                 # d log p(y) / dz = onehot(y) − p
                 dz = -p.reshape(-1, p.shape[-1])
