@@ -91,17 +91,17 @@ def slot_lists(measurement: dict) -> dict[str, list]:
     return out
 
 
-def rank_agreement(exact: dict, fast: dict) -> dict:
-    """Per slot, Spearman of the exact errors against the fast mode's Hessian error and predicted KL."""
+def rank_agreement(exact: dict, other: dict) -> dict:
+    """Per slot, Spearman of the exact errors against another mode's record errors and predicted KL."""
     exact_slots = slot_lists(exact["measurement"])
-    fast_slots = slot_lists(fast["measurement"])
-    kl_slots = slot_lists(fast["predicted_kl"])
-    hessian, kl = [], []
+    other_slots = slot_lists(other["measurement"])
+    kl_slots = slot_lists(other["predicted_kl"])
+    error, kl = [], []
     for name, records in exact_slots.items():
         err = [1 - r["accuracy"] for r in records]
-        hessian.append(spearman(err, [1 - r["accuracy"] for r in fast_slots[name]]))
+        error.append(spearman(err, [1 - r["accuracy"] for r in other_slots[name]]))
         kl.append(spearman(err, kl_slots[name]))
-    return {"hessian": hessian, "kl": kl}
+    return {"error": error, "kl": kl}
 
 
 def chosen_bpw(job_dir: Path) -> dict[str, float]:
@@ -173,7 +173,7 @@ def report(results: dict, a, command: str) -> str:
         for mode in a.modes:
             m = res["measure"][mode]
             rank = res["rank"].get(mode)
-            agreement = (f"{np.nanmedian(rank['hessian']):.3f} / {np.nanmin(rank['hessian']):.3f}, "
+            agreement = (f"{np.nanmedian(rank['error']):.3f} / {np.nanmin(rank['error']):.3f}, "
                          f"{np.nanmedian(rank['kl']):.3f} / {np.nanmin(rank['kl']):.3f}") if rank else "–"
             lines.append(f"| {mode} | {m['seconds']:.0f} | {m['cpu_seconds']:.0f} | "
                          f"{exact['cpu_seconds'] / m['cpu_seconds']:.1f}× less | {agreement} |")
