@@ -46,7 +46,7 @@ class Slot:
     and ``roles`` are the table columns present (an MLP without gate has no ``gate_proj``).
     ``output`` names the activation the slot's error is measured on when that is not the module's
     output: the forward reports it through its capture callback under this name (a parallel decoder's
-    branch, spec §4.5). Such a report is a measured output, never a Hessian source.
+    branch, exl2-format §5.4). Such a report is a measured output, never a Hessian source.
     """
 
     key: str

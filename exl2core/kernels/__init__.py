@@ -101,7 +101,7 @@ def grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.
 
 
 def pack_codes(codes: torch.Tensor, group_bits: list[int], group_rows: list[int]) -> torch.Tensor:
-    """Codes ``[K, N]`` (permuted rows) → ``q_weight`` int32 ``[Q, N]`` (§1.3), as ``pack.pack_codes``."""
+    """Codes ``[K, N]`` (permuted rows) → ``q_weight`` int32 ``[Q, N]`` (exl2-format §2.5), as ``pack.pack_codes``."""
     kernel = kernel_for("pack_codes", codes)
     if kernel is None or not set(group_bits) <= _KERNEL_BITS:
         from exl2core.quant.pack import pack_codes as reference
@@ -158,7 +158,7 @@ def prepare_matrix(tensors: dict[str, torch.Tensor], prescale: float = 1.0) -> P
 
 
 def dequantize(tensors: dict[str, torch.Tensor] | PreparedMatrix, prescale: float = 1.0) -> torch.Tensor:
-    """fp16 weight ``[N, K]`` of an EXL2 layer (§1.9), bit-exact with ``pack.dequantize``.
+    """fp16 weight ``[N, K]`` of an EXL2 layer (exl2-format §2.9), bit-exact with ``pack.dequantize``.
 
     A ``PreparedMatrix`` carries its own prescale (``prescale`` is then ignored).
     """

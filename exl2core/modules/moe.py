@@ -6,7 +6,7 @@ when ``fields["renormalize"]`` (Mixtral always, Qwen3-MoE per ``norm_topk_prob``
 it through the ``exl2_routing_weights`` hook. Expert ``e`` has the linears ``experts.{e}.w1`` (gate),
 ``experts.{e}.w3`` (up) and ``experts.{e}.w2`` (down).
 
-What the block reports to ``capture`` (spec §4.2):
+What the block reports to ``capture`` (exl2-format §5.2):
 
 * :data:`MOE_INPUT`: the normed input of every token, once (all w1/w3 share one Hessian);
 * :func:`down_input`: the w2 input of the tokens routed to ``e`` only (nothing when none were), or of

@@ -3,7 +3,7 @@
 
 Because both branches read the same normed activation, q/k/v and gate/up share one Hessian (input
 ``attn_in``); the block is one module with two measured slots (``attn`` and ``mlp``), stored as
-exllamav2's ``parallel_decoder`` record. As in exllamav2 (spec §4.5), each slot's error is measured on
+exllamav2's ``parallel_decoder`` record. As in exllamav2 (exl2-format §5.4), each slot's error is measured on
 its own branch's output, residual excluded, which the forward reports under ``BRANCH_OUTPUTS``.
 """
 

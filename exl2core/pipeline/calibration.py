@@ -1,4 +1,4 @@
-"""Calibration token rows: the built-in text mix or a user's parquet file (spec §9).
+"""Calibration token rows: the built-in text mix or a user's parquet file (exl2-format §10).
 
 The built-in mix is our own redistributable stand-in for exllamav2's standard calibration set: text files
 in ``exl2core/data/calibration`` whose name prefix says their domain (see SOURCES.md there). Rows are drawn
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DATASET_NAME = "(default)"
 
-# Row lengths above this are longer than exllamav2 ever calibrates with (spec §9.1 clamps to 2048).
+# Row lengths above this are longer than exllamav2 ever calibrates with (it clamps to 2048, exl2-format §10.1).
 LONG_ROW_WARNING = 2048
 
 CHAT_DOMAIN = "chat"
@@ -45,7 +45,7 @@ SHUFFLE_CHUNK_TOKENS = 128
 RANDOM_ROW_EVERY = 8
 RANDOM_ROWS_MAX = 2
 
-NOISE_ID = -1  # noise rows: replaced by Gaussian noise at embedding time (spec §9.3)
+NOISE_ID = -1  # noise rows: replaced by Gaussian noise at embedding time (exl2-format §10.3)
 
 PARQUET_BATCH_ROWS = 64
 
@@ -66,7 +66,7 @@ def calibration_rows(
     """Token ids int64 ``[rows + noise_rows, length]`` for calibration; noise rows (last) are all −1.
 
     ``dataset`` None uses version ``mix`` of the built-in mix with its proportions for ``purpose``;
-    otherwise it is a parquet file read as in spec §9.2. Text is tokenized without added special tokens,
+    otherwise it is a parquet file read as in exl2-format §10.2. Text is tokenized without added special tokens,
     and special-token strings in it count as plain text, except in chat text rendered with the chat
     template of ``model_dir`` (a plain transcript when it has none or is None). Built-in rows come grouped
     by domain in the mix's order, then the random-token rows. The same arguments always give the same
@@ -129,7 +129,7 @@ def _check_sizes(vocab_size: int, rows: int, length: int, noise_rows: int) -> No
 
 @contextmanager
 def _special_tokens_as_text(tokenizer: tokenizers.Tokenizer) -> Iterator[None]:
-    """Encode special-token strings found in the text as ordinary text, as exllamav2 does (spec §9.1)."""
+    """Encode special-token strings found in the text as ordinary text, as exllamav2 does (exl2-format §10.1)."""
     before = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = True
     try:
@@ -231,7 +231,7 @@ def _shuffled_rows(stream: list[int], count: int, length: int, rng: random.Rando
 
 
 def _parquet_rows(tokenizer: tokenizers.Tokenizer, path: Path, rows: int, length: int) -> torch.Tensor:
-    """Rows from a parquet file's ``text`` column (or all columns joined), in file order (spec §9.2)."""
+    """Rows from a parquet file's ``text`` column (or all columns joined), in file order (exl2-format §10.2)."""
     if not path.is_file():
         raise Exl2Error(f"calibration dataset {path} does not exist or is not a file")
     needed = rows * length

@@ -1,4 +1,4 @@
-"""Bit allocation (spec §5): pick one measured option per block so the model fits a bit budget.
+"""Bit allocation (exl2-format §6): pick one measured option per block so the model fits a bit budget.
 
 This is a multiple-choice knapsack. ``solve`` answers it exactly by depth-first branch and bound,
 with two lower bounds per branch: a dynamic programme over costs rounded *down* to a coarse unit
@@ -9,7 +9,7 @@ or two-slot exchange) polishes the first dive so pruning starts from a good solu
 bounds the time; when it is hit, the best solution found is returned with a proven lower bound on
 the optimum (``Solution.lower_bound``; ``Solution.exact`` says whether optimality was proven).
 
-``anneal_exllamav2`` restates exllamav2's annealer (§5.2–5.4) for comparison.
+``anneal_exllamav2`` restates exllamav2's annealer (exl2-format §6.2–6.3) for comparison.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def _anneal_runs(
     schedule: tuple[float, float, float, int],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Independent annealing runs (§5.2), one per entry of ``norms``, stepped together.
+    """Independent annealing runs (exl2-format §6.2), one per entry of ``norms``, stepped together.
 
     Returns each run's option indices, its Σ err^ν and its largest error (float32, as exllamav2).
     """
@@ -384,7 +384,7 @@ def _anneal_runs(
 
 
 def greedy_fill(slots: Sequence[Sequence[Option]], choice: Sequence[int], budget: int) -> list[int]:
-    """§5.4: sweep the slots, moving each to its next table row while that still fits; repeat."""
+    """exl2-format §6.3: sweep the slots, moving each to its next table row while that still fits; repeat."""
     choice = list(choice)
     total = sum(slot[k].cost for slot, k in zip(slots, choice))
     changed = True
@@ -411,7 +411,7 @@ def anneal_exllamav2(
     min_temp: float = 0.0001,
     numel: int | None = None,
 ) -> list[int]:
-    """exllamav2's allocation (§5.2–5.4): annealing over Σ err^ν with ν tuned for the max error.
+    """exllamav2's allocation (exl2-format §6.2–6.3): annealing over Σ err^ν with ν tuned for the max error.
 
     The defaults are exllamav2's (3 stages × 80 runs, 1000 moves per temperature step, T from 2 to
     1e-4 by ×0.995); they take minutes in numpy, so tests and benches pass smaller ``iterations``,
@@ -442,7 +442,7 @@ def anneal_exllamav2(
 
 
 def options_of(records: Sequence[dict[str, Any]]) -> list[Option]:
-    """The options of one slot from its measurement records (spec §4.8)."""
+    """The options of one slot from its measurement records (exl2-format §5.5)."""
     options = []
     for r in records:
         try:
@@ -477,7 +477,7 @@ def plan_strategy(
     objective: str = "sq",
     predicted_kl: dict[str, Any] | None = None,
 ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
-    """Choose a measured record per slot for ``bits`` bpw over ``numel`` weights (budget as §5.1).
+    """Choose a measured record per slot for ``bits`` bpw over ``numel`` weights (budget as exl2-format §6.1).
 
     With ``predicted_kl`` (a fast measurement's per-record KL, shaped like ``measurement``) the sum of
     the chosen records' predicted KL is minimised instead of ``objective`` over their errors: errors of

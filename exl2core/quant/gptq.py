@@ -1,11 +1,11 @@
-"""Adaptive GPTQ as in exllamav2 0.3.2 (spec §3): Hessian, scale search, quantization loop.
+"""Adaptive GPTQ as in exllamav2 0.3.2 (exl2-format §4): Hessian, scale search, quantization loop.
 
 The default scale search differs from exllamav2's: it minimises GPTQ's own Hessian-weighted loss and
-refines each column's scale code (``search_scales_hessian``); ``search="exllamav2"`` reproduces §3.4.
+refines each column's scale code (``search_scales_hessian``); ``search="exllamav2"`` reproduces exl2-format §4.3.
 
 The quantizer works on the transposed, act-order-permuted weight ``W_p`` of shape ``[K, N]`` (a row is
 one input feature). Every fake-quantized value is computed with the same fp16 roundings as the loader's
-reconstruction (§1.9), so ``QuantizedLinear.weight`` equals ``dequantize(pack())`` bit for bit.
+reconstruction (exl2-format §2.9), so ``QuantizedLinear.weight`` equals ``dequantize(pack())`` bit for bit.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class PreparedHessian:
 
 
 class Hessian:
-    """Accumulates ``H = Σ XᵀX`` in float32 over calibration rows (spec §3.1).
+    """Accumulates ``H = Σ XᵀX`` in float32 over calibration rows (exl2-format §4.1).
 
     An ``asymmetric`` accumulator also sums the cross term ``C = Σ Xᵀ(X̃ − X)`` of each row's input ``X``
     (the quantized model's) with the unquantized model's input ``X̃`` to the same linear (GPTAQ,
@@ -93,10 +93,10 @@ class Hessian:
         self.cross.addmm_(rows.T, ref_rows - rows)  # not in place: ref_rows may be the caller's tensor
 
     def prepare(self, name: str, *, invert: bool = True) -> PreparedHessian:
-        """Normalize, act-order, damp and invert (spec §3.2). ``name`` labels errors.
+        """Normalize, act-order, damp and invert (exl2-format §4.2). ``name`` labels errors.
 
         Damping accumulates over attempts (attempt ``a`` has ``a·damp`` on the diagonal), as in 0.3.2.
-        With ``invert=False`` only the permutation is computed (round-to-nearest, §3.7).
+        With ``invert=False`` only the permutation is computed (round-to-nearest, exl2-format §4.5).
         """
         k = self.in_features
         if self.matrix is None or self.num_batches == 0:
@@ -139,7 +139,7 @@ def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass
 class GroupScales:
-    """Result of the scale search for one group (§3.4)."""
+    """Result of the scale search for one group (exl2-format §4.3)."""
 
     qscale: torch.Tensor  # int16 [N], 1..16
     qscale_max: torch.Tensor  # float16 scalar
@@ -148,7 +148,7 @@ class GroupScales:
 
 
 def search_scales(x: torch.Tensor, bits: int) -> GroupScales:
-    """exllamav2's scale search (spec §3.4): column codes from the column maxima and the group multiplier
+    """exllamav2's scale search (exl2-format §4.3): column codes from the column maxima and the group multiplier
     minimising Σ|error|^3.5.
 
     The error is evaluated on every 8th point of the 97-point grid and then on the 7 neighbours either
@@ -192,7 +192,7 @@ _CODE_STEPS = torch.tensor([0, -1, 1, -2, 2], dtype=torch.int16)
 
 
 def _column_codes(x: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(base_max, qscale, column_scale)``: the 4-bit column codes from the column maxima (§3.4)."""
+    """``(base_max, qscale, column_scale)``: the 4-bit column codes from the column maxima (exl2-format §4.3)."""
     base = (x.abs().amax(0) + 1e-12) / (maxq / 2)
     base_max = base.max()
     qscale = torch.clamp(torch.round(torch.sqrt(base / base_max) * SCALE_STEPS), 1, SCALE_STEPS)
@@ -271,7 +271,7 @@ class QuantizedLinear:
     out_features: int
 
     def pack(self) -> dict[str, torch.Tensor]:
-        """The EXL2 tensors of §1.1 by suffix (``q_weight`` … ``q_invperm`` and ``bias`` if present)."""
+        """The EXL2 tensors of exl2-format §2.1 by suffix (``q_weight`` … ``q_invperm`` and ``bias`` if present)."""
         if self.perm.numel() > 1 << 16:
             raise Exl2Error(f"{self.perm.numel()} input features exceed the 65536 the EXL2 loader supports")
         tensors = {
@@ -297,11 +297,11 @@ def quantize_linear(
     asymmetric_weight: float = 1.0,
     layout: str = "table",
 ) -> QuantizedLinear:
-    """Quantize an ``[out_features, in_features]`` weight with GPTQ error feedback (or RTN, §3.7).
+    """Quantize an ``[out_features, in_features]`` weight with GPTQ error feedback (or RTN, exl2-format §4.5).
 
-    Output features are zero-padded to a multiple of 32 first (§1.8). The lazy-update block is the
+    Output features are zero-padded to a multiple of 32 first (exl2-format §2.2). The lazy-update block is the
     group: within a group rows are quantized one at a time and the error is propagated to the group's
-    remaining rows; after the group, all later rows are updated with one matrix product (§3.5).
+    remaining rows; after the group, all later rows are updated with one matrix product (exl2-format §4.4).
     ``search`` picks the group scales (``SCALE_SEARCHES``); both give valid EXL2 tensors.
 
     A Hessian with a cross term (``prepared.cross``) fits the unquantized model's output ``X̃ W`` from
@@ -309,7 +309,7 @@ def quantize_linear(
     ``W* = W + H⁻¹ Xᵀ(X̃ − X) W`` (the least-squares fit of the reference output, ridge-damped towards
     ``W`` by GPTQ's damping), so GPTQ runs unchanged on ``W*``. ``asymmetric_weight`` scales the
     correction (1: the exact optimum). ``layout`` (``LAYOUTS``) chooses the group layout: ``table`` is
-    §1.2's; ``hessian`` moves rows between the setting's bit widths and group sizes where GPTQ's
+    exl2-format §2.4's; ``hessian`` moves rows between the setting's bit widths and group sizes where GPTQ's
     row-weighted error model says so, at exactly the same storage size (``quant.layout``).
     """
     out_features, k = weight.shape
@@ -383,7 +383,7 @@ def quantize_rows(
     divisor: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round rows ``w [..., N]`` to codes at fp16 column scales: ``(codes, q, err)`` (§3.5).
+    """Round rows ``w [..., N]`` to codes at fp16 column scales: ``(codes, q, err)`` (exl2-format §4.4).
 
     ``codes = clamp(rint(w / scale) + zero, 0, maxq)`` (a zero scale divides by 1, so an all-zero
     column rounds to code ``zero``), ``q`` the fake-quantized value and ``err = (w − q) / diag`` per row
@@ -450,7 +450,7 @@ def _gptq_group(
 
 
 def output_error(y_q: torch.Tensor, y_ref: torch.Tensor) -> float:
-    """Relative Frobenius error ``‖y_q − y_ref‖ / ‖y_ref‖`` in float32 (the measurement metric, §4.4)."""
+    """Relative Frobenius error ``‖y_q − y_ref‖ / ‖y_ref‖`` in float32 (exl2-format §5.3's metric)."""
     y_q = y_q.to(torch.float32)
     y_ref = y_ref.to(device=y_q.device, dtype=torch.float32)
     return (torch.linalg.norm(y_q - y_ref) / torch.linalg.norm(y_ref)).item()

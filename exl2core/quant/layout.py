@@ -1,7 +1,7 @@
 """Group layouts of one linear at a fixed storage size: which act-order rows get which bit width.
 
-A setting's layout (spec §1.2) fixes the groups' widths and sizes from its proportions. The format allows
-any layout with non-increasing widths and groups of whole 32-row units, and its size (§2.3) is
+A setting's layout (exl2-format §2.4) fixes the groups' widths and sizes from its proportions. The format allows
+any layout with non-increasing widths and groups of whole 32-row units, and its size (exl2-format §3.3) is
 ``N·Σ_g r_g·b_g + G·(48 + 4N) + 32K``: any layout with the same number of groups ``G`` and the same
 ``Σ_g r_g·b_g`` takes exactly the same bits. Within that set, the ``hessian`` layout trades rows between
 the setting's widths (32 rows at 8 bits for 160 at 4 instead of 3, say) and resizes the groups of each
@@ -17,7 +17,7 @@ import torch
 
 from exl2core.quant.qparams import LAYOUTS, QParams
 
-UNIT = 32  # rows per layout unit: every group is a whole number of them (§1.10)
+UNIT = 32  # rows per layout unit: every group is a whole number of them (exl2-format §2.10)
 #: Values tried per free group count; bounds the enumeration for wide layers.
 MAX_COUNT_VALUES = 12
 
@@ -42,7 +42,7 @@ def choose_layout(w: torch.Tensor, qparams: QParams, layout: str,
 
 
 def layout_cost(groups: list[tuple[int, int]], columns: int) -> int:
-    """Storage bits of the packed tensors of a layout (§2.3, no bias) with ``columns`` output features."""
+    """Storage bits of the packed tensors of a layout (exl2-format §3.3, no bias) with ``columns`` output features."""
     rows = sum(r for _, r in groups)
     return columns * sum(b * r for b, r in groups) + len(groups) * (48 + 4 * columns) + 32 * rows
 

@@ -1,4 +1,4 @@
-"""On-disk EXL2 tensor layout (spec §1): bit packing of codes and scales, and exact dequantization.
+"""On-disk EXL2 tensor layout (exl2-format §2): bit packing of codes and scales, and exact dequantization.
 
 Pure tensor functions shared by the quantizer (``QuantizedLinear.pack``) and by anything that reads EXL2
 files back. All bit manipulation is done in int64 so that unsigned 32-bit words never overflow; words are
@@ -16,7 +16,7 @@ from exl2core.errors import Exl2Error
 _WORD = 32
 _MASK32 = (1 << 32) - 1
 
-#: Tensor suffixes of one EXL2 linear (§1.1), bias excluded.
+#: Tensor suffixes of one EXL2 linear (exl2-format §2.1), bias excluded.
 QUANT_SUFFIXES = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 
 
@@ -26,7 +26,7 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(bits: int) -> tuple[int, int]:
-    """(codes, words) of the smallest repeating unit of a ``bits``-wide LSB-first bit stream (§1.3)."""
+    """(codes, words) of the smallest repeating unit of a ``bits``-wide LSB-first bit stream (exl2-format §2.5)."""
     codes = _WORD // math.gcd(bits, _WORD)
     return codes, codes * bits // _WORD
 
@@ -51,7 +51,7 @@ def _runs(group_bits: list[int], group_rows: list[int]) -> list[tuple[int, int, 
 
 
 def pack_codes(codes: torch.Tensor, group_bits: list[int], group_rows: list[int]) -> torch.Tensor:
-    """Pack codes ``[K, N]`` (permuted row order) into ``q_weight`` int32 ``[Q, N]`` (§1.3)."""
+    """Pack codes ``[K, N]`` (permuted row order) into ``q_weight`` int32 ``[Q, N]`` (exl2-format §2.5)."""
     k, n = codes.shape
     if sum(group_rows) != k:
         raise Exl2Error(f"groups cover {sum(group_rows)} rows but the code matrix has {k}")
@@ -72,7 +72,7 @@ def pack_codes(codes: torch.Tensor, group_bits: list[int], group_rows: list[int]
 
 
 def make_q_groups(group_bits: list[int], group_rows: list[int]) -> torch.Tensor:
-    """``q_groups`` int16 ``[2G]``: per group its width and first packed row (§1.4)."""
+    """``q_groups`` int16 ``[2G]``: per group its width and first packed row (exl2-format §2.6)."""
     entries = []
     qrow = 0
     for bits, rows in zip(group_bits, group_rows):
@@ -84,7 +84,7 @@ def make_q_groups(group_bits: list[int], group_rows: list[int]) -> torch.Tensor:
 
 
 def group_layout(q_groups: torch.Tensor, packed_rows: int) -> tuple[list[int], list[int]]:
-    """Recover ``(group_bits, group_rows)`` from ``q_groups`` as the 0.3.2 loader does (§1.10)."""
+    """Recover ``(group_bits, group_rows)`` from ``q_groups`` as the 0.3.2 loader does (exl2-format §2.6)."""
     entries = q_groups.to(torch.int64).tolist()
     bits, starts = entries[0::2], entries[1::2]
     ends = starts[1:] + [packed_rows]
@@ -121,7 +121,7 @@ def unpack_codes(q_weight: torch.Tensor, q_groups: torch.Tensor) -> tuple[torch.
 
 
 def pack_scales(qscale: torch.Tensor) -> torch.Tensor:
-    """Pack scale codes ``[G, N]`` (values 1..16) into ``q_scale`` int32 ``[G, N/8]`` nibbles (§1.5)."""
+    """Pack scale codes ``[G, N]`` (values 1..16) into ``q_scale`` int32 ``[G, N/8]`` nibbles (exl2-format §2.7)."""
     g, n = qscale.shape
     if n % 8:
         raise Exl2Error(f"q_scale needs a column count divisible by 8, got {n}")
@@ -141,7 +141,7 @@ def unpack_scales(q_scale: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_values(codes: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
-    """fp16 value of ``codes`` at fp16 ``scale`` per column: ``fp16(fp16(q − z) · s)`` (§1.9).
+    """fp16 value of ``codes`` at fp16 ``scale`` per column: ``fp16(fp16(q − z) · s)`` (exl2-format §2.9).
 
     Both factors are fp16 numbers, so their float32 product is exact and rounding it to fp16 is the
     single fp16 multiply the reconstruction kernel performs.
@@ -157,7 +157,7 @@ def group_scales(qscale: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
-    """Reject a tensor set the 0.3.2 loader would refuse (dtypes, shape agreement, §1.1 and §1.10)."""
+    """Reject a tensor set the 0.3.2 loader would refuse (dtypes, shapes, exl2-format §2.1 and §2.10)."""
     missing = [s for s in QUANT_SUFFIXES if s not in tensors]
     if missing:
         raise Exl2Error(f"EXL2 layer is missing tensors {missing}")
@@ -175,7 +175,7 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def dequantize(tensors: dict[str, torch.Tensor], prescale: float = 1.0) -> torch.Tensor:
-    """Rebuild the fp16 weight ``[N, K]`` (nn.Linear layout, padded N) from an EXL2 tensor set (§1.9).
+    """Rebuild the fp16 weight ``[N, K]`` (nn.Linear layout, padded N) from an EXL2 tensor set (exl2-format §2.9).
 
     Follows the 0.3.2 loader bit for bit: ``q_scale_max`` is multiplied in fp16 by ``prescale / 256``,
     ``perm = argsort(q_invperm)`` and permuted row ``k`` lands on input feature ``perm[k]``.

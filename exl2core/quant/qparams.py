@@ -1,4 +1,4 @@
-"""Quantization settings (spec §2): group layout, size accounting and the candidate tables.
+"""Quantization settings (exl2-format §3): group layout, size accounting and the candidate tables.
 
 A ``QParams`` is one mixed-precision setting of a linear layer. Its ``desc`` string is the identity used
 for de-duplication and printing, so the proportions keep their Python type (int ``1`` prints ``1``, float
@@ -22,16 +22,16 @@ SCALE_SEARCHES = ("hessian", "exllamav2")
 #: quantized earlier ones produce) or ``asymmetric`` (sequential, to the unquantized model's output: GPTAQ).
 FITS = ("local", "sequential", "asymmetric")
 
-#: Group layouts of a setting (``quant.layout``): ``table`` (§1.2's) or ``hessian`` (the least expected
+#: Group layouts of a setting (``quant.layout``): ``table`` (exl2-format §2.4's) or ``hessian`` (the least expected
 #: GPTQ loss among layouts of exactly the same size).
 LAYOUTS = ("table", "hessian")
 
-#: Bit widths the 0.3.2 kernels can dequantize (§1.10).
+#: Bit widths the 0.3.2 kernels can dequantize (exl2-format §2.10).
 SUPPORTED_BITS = (8, 6, 5, 4, 3, 2)
 
 
 def pad32(n: int) -> int:
-    """Round ``n`` up to a multiple of 32: exllamav2 pads every linear's out_features like this (§1.8)."""
+    """Round ``n`` up to a multiple of 32: exllamav2 pads every linear's out_features like this (exl2-format §2.2)."""
     return n + (-n % 32)
 
 
@@ -68,7 +68,7 @@ class QParams:
             raise Exl2Error(f"{where}: only scale_bits = 4 is supported")
 
     def __eq__(self, other: object) -> bool:
-        """Settings are identified by ``desc``, as in the §2.5 de-duplication (so ``1`` ≠ ``1.0``)."""
+        """Settings are identified by ``desc``, as in the exl2-format §3.7 de-duplication (so ``1`` ≠ ``1.0``)."""
         return isinstance(other, QParams) and self.desc == other.desc
 
     def __hash__(self) -> int:
@@ -76,14 +76,14 @@ class QParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QParams:
-        """Build from the dict form (§2.2); ``group_size`` may be an int, a list or a str/int-keyed dict."""
+        """Build from the dict form (exl2-format §3.2); ``group_size`` may be an int, a list or a str/int-keyed dict."""
         try:
             return cls(d["group_size"], d["bits"], d["bits_prop"], d.get("scale_bits", 4))
         except (KeyError, TypeError, ValueError) as exc:
             raise Exl2Error(f"invalid quantization setting {d!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready dict form of §2.2 (group_size keys are strings, in ``bits`` order)."""
+        """The JSON-ready dict form of exl2-format §3.2 (group_size keys are strings, in ``bits`` order)."""
         return {
             "group_size": {str(b): self.group_size[b] for b in self.bits},
             "bits": list(self.bits),
@@ -93,12 +93,12 @@ class QParams:
 
     @property
     def desc(self) -> str:
-        """Description string of §2.2, e.g. ``0.05:3b_64g/0.95:2b_64g s4``."""
+        """Description string of exl2-format §3.2, e.g. ``0.05:3b_64g/0.95:2b_64g s4``."""
         parts = [f"{p}:{b}b_{self.group_size[b]}g" for b, p in zip(self.bits, self.bits_prop)]
         return "/".join(parts) + f" s{self.scale_bits}"
 
     def group_counts(self, rows: int) -> list[int]:
-        """Number of groups per bit width for a matrix with ``rows`` input features (§1.2)."""
+        """Number of groups per bit width for a matrix with ``rows`` input features (exl2-format §2.4)."""
         remaining = rows
         counts = []
         for b, p in zip(self.bits, self.bits_prop):
@@ -113,7 +113,7 @@ class QParams:
         return counts
 
     def groups(self, rows: int) -> list[tuple[int, int]]:
-        """``[(bits, nrows)]`` per group in layout order over the permuted rows (§1.2)."""
+        """``[(bits, nrows)]`` per group in layout order over the permuted rows (exl2-format §2.4)."""
         layout = []
         start = 0
         for b, count in zip(self.bits, self.group_counts(rows)):
@@ -124,7 +124,7 @@ class QParams:
         return layout
 
     def total_bits(self, rows: int, columns: int, bias: bool = False) -> int:
-        """Storage cost in bits of the packed layer (§2.3); ``columns`` is the padded out_features."""
+        """Storage cost in bits of the packed layer (exl2-format §3.3); ``columns`` is the padded out_features."""
         weight_bits = 0
         remaining = rows
         counts = self.group_counts(rows)
@@ -140,13 +140,13 @@ class QParams:
         return total
 
     def bpw(self, rows: int, columns: int, bias: bool = False) -> float:
-        """Bits per weight, the bias counted as extra weights (§2.3)."""
+        """Bits per weight, the bias counted as extra weights (exl2-format §3.3)."""
         numel = rows * columns + (columns if bias else 0)
         return self.total_bits(rows, columns, bias) / numel
 
 
 def _normalize_group_size(group_size: Any, bits: tuple[int, ...]) -> dict[int, int]:
-    """Map every bit width to its group size, accepting the three input forms of §2.1."""
+    """Map every bit width to its group size, accepting the three input forms of exl2-format §3.1."""
     if isinstance(group_size, int):
         return {b: group_size for b in bits}
     if isinstance(group_size, (list, tuple)):
@@ -163,7 +163,7 @@ def _normalize_group_size(group_size: Any, bits: tuple[int, ...]) -> dict[int, i
 
 
 def _q(spec: str) -> QParams:
-    """Parse the compact table notation ``p:b@gs / p:b@gs`` used in spec §2.4."""
+    """Parse the compact table notation ``p:b@gs / p:b@gs`` used in exl2-format §3.4–3.5."""
     bits, props, sizes = [], [], {}
     for entry in spec.split("/"):
         prop, rest = entry.strip().split(":")
@@ -229,7 +229,7 @@ TABLES: dict[str, list[dict[str, QParams]]] = {"attn": ATTN_TABLE, "mlp": MLP_TA
 #: MoE expert roles and the MLP-table column they are quantized with.
 ROLE_COLUMN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
-#: lm_head settings selected directly by ``head_bits`` (§2.4); 8 uses the float proportion 1.0.
+#: lm_head settings selected directly by ``head_bits`` (exl2-format §3.6); 8 uses the float proportion 1.0.
 HEAD_OPTIONS: dict[int, QParams] = {
     2: QParams(32, [4, 2], [0.3, 0.7]),
     3: QParams(32, [4, 3], [0.15, 0.85]),
@@ -258,7 +258,7 @@ def table_setting(table: str, row: int, role: str) -> QParams:
 
 
 def distinct_settings(table: str, role: str) -> tuple[list[QParams], list[int]]:
-    """De-duplicate one column of a table by ``desc`` in first-seen order (§2.5).
+    """De-duplicate one column of a table by ``desc`` in first-seen order (exl2-format §3.7).
 
     Returns the distinct settings and, for each table row, the index of its setting in that list, so
     each distinct setting is quantized once and table rows are evaluated by swapping weights.
