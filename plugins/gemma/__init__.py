@@ -1,6 +1,6 @@
 """Gemma-family architectures: Gemma, Gemma 2, Gemma 3 (text-only, and the language model of the VLM).
 
-What sets them apart from Llama (spec §8.5–8.6): RMSNorm weights are stored as ``w − 1`` (offset 1),
+What sets them apart from Llama (exl2-format §9.4–9.5): RMSNorm weights are stored as ``w − 1`` (offset 1),
 embeddings are scaled by √hidden, the gated MLP uses GELU(tanh) and the head is the embedding. Gemma 2
 adds a post-norm after each sub-block, logit soft-capping, an attention scale of
 ``query_pre_attn_scalar^−½``, sliding-window attention on every other layer and the fp32 residual stream

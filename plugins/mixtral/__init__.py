@@ -2,8 +2,8 @@
 
 Both are the Llama decoder with every feed-forward replaced by a block-sparse MoE (core module kind
 ``moe``, measured as ``model.layers.{i}.block_sparse_moe`` with the MLP table's columns ``w1/w3/w2``
-whatever the checkpoint calls them, spec §4.1, §2.4). The experts keep their checkpoint names in the
-output, which is what exllamav2 0.3.2 reads (§8.5): Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2``
+whatever the checkpoint calls them, exl2-format §5.1, §3.5). The experts keep their checkpoint names in the
+output, which is what exllamav2 0.3.2 reads (exl2-format §9.4): Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2``
 with the router ``block_sparse_moe.gate``; Qwen3-MoE ``mlp.experts.{e}.gate_proj/up_proj/down_proj``
 with the router ``mlp.gate``, plus q/k norms. Routing is softmax → top-k → renormalise; Qwen3-MoE
 renormalises only when ``norm_topk_prob`` is set, as in transformers.
@@ -96,7 +96,7 @@ def _check_silu(config: ModelConfig) -> None:
 
 def moe_module(config: ModelConfig, spec: DecoderSpec, layer: int, *, layout: ExpertLayout,
                renormalize: bool, all_experts: bool) -> Module:
-    """The MoE block of ``layer``: per expert ``w1, w3, w2`` (the compile order of spec §7.1)."""
+    """The MoE block of ``layer``: per expert ``w1, w3, w2`` (exllamav2's compile order, exl2-format §8.1)."""
     key = f"{spec.lm_prefix}model.layers.{layer}"
     prefix = f"{key}.{layout.block}"
     experts, top_k = _expert_counts(config)

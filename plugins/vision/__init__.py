@@ -1,7 +1,7 @@
 """Vision-language models: the language model is quantized, the vision tower and projector are carried.
 
 Calibration is text only, so only the language model runs; the vision tower and the projector are
-copied to the output unconverted (``plan.carry``) under the names exllamav2 reads (spec §7.1, §8.5):
+copied to the output unconverted (``plan.carry``) under the names exllamav2 reads (exl2-format §8.1, §9.4):
 
 * LLaVA / Mistral 3 (Llama or Mistral language model): ``language_model.model.*``,
   ``language_model.lm_head``, ``vision_tower.*``, ``multi_modal_projector.*``. exllamav2 0.3.2 loads
@@ -43,7 +43,7 @@ LLAVA = ("LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration")
 QWEN2_VL = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 GEMMA3 = "Gemma3ForConditionalGeneration"
 
-#: Calibration noise rows (measurement, quantization) exllamav2 adds for Qwen2-VL models (spec §9.1).
+#: Calibration noise rows (measurement, quantization) exllamav2 adds for Qwen2-VL models (exl2-format §10.3).
 QWEN2_VL_NOISE_ROWS = (5, 30)
 
 #: Where the nested layout keeps the language model's decoder.
@@ -63,7 +63,7 @@ CARRIED = {
     "gemma3": ("multi_modal_projector.", "vision_tower."),
 }
 
-#: Gemma 3 names exllamav2 reads differently from the checkpoints (spec §7.1, §8.5).
+#: Gemma 3 names exllamav2 reads differently from the checkpoints (exl2-format §8.1, §9.4).
 GEMMA3_TOWER = "vision_tower.vision_model."
 GEMMA3_PROJECTION = ("multi_modal_projector.mm_input_projection_weight",
                      "multi_modal_projector.mm_input_projection.weight")
