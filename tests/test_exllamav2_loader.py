@@ -487,7 +487,7 @@ def assert_loads_alike(ex: Exllamav2, out: Path, source: Path, biased: tuple[str
         if lin.prescale == 1:
             assert torch.equal(theirs.view(torch.int16), reference.weight.half().view(torch.int16)), lin.key
         else:
-            # the loader scales q_scale_max by prescale in fp16 (spec §1.6), which exl2core's dequantize
+            # the loader scales q_scale_max by prescale in fp16 (exl2-format §2.8), which exl2core's dequantize
             # models exactly; against the forward's weight times prescale that costs fp16 rounding only
             modelled = dequantize(reference.packed, lin.prescale)[:rows]
             assert torch.equal(theirs.view(torch.int16), modelled.view(torch.int16)), lin.key

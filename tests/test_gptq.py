@@ -1,4 +1,4 @@
-"""Adaptive GPTQ (spec §3): Hessian preparation, scale search, quantization loop, pack round trip."""
+"""Adaptive GPTQ (exl2-format §4): Hessian preparation, scale search, quantization loop, pack round trip."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_hessian_rejects_wrong_width():
 
 
 def reference_search(x: torch.Tensor, bits: int) -> tuple[list[int], int]:
-    """Literal float64 restatement of §3.4, one grid point at a time."""
+    """Literal float64 restatement of exl2-format §4.3, one grid point at a time."""
     x = x.double()
     maxq, zero = 2 ** bits - 1, 2 ** (bits - 1)
     base = (x.abs().amax(0) + 1e-12) / (maxq / 2)
@@ -171,7 +171,7 @@ def test_scale_search_matches_reference(bits):
 
 
 def weighted_rounding_error(x: torch.Tensor, scale: torch.Tensor, bits: int, w: torch.Tensor) -> float:
-    """Σ_i w_i Σ_n (q − x)² of rounding ``x`` to codes at column scales ``scale`` (§3.5, no feedback)."""
+    """Σ_i w_i Σ_n (q − x)² of rounding ``x`` to codes at column scales ``scale`` (exl2-format §4.4, no feedback)."""
     zero, maxq = 2 ** (bits - 1), 2 ** bits - 1
     q = (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero) * scale
     return float((((q - x) ** 2).sum(1) * w).sum())
@@ -217,7 +217,7 @@ def test_unknown_scale_search_is_refused(weight, prepared):
 
 
 def reference_gptq(weight: torch.Tensor, prep: PreparedHessian, qp: QParams) -> torch.Tensor:
-    """Literal restatement of the §3.5 pseudocode (row loop with explicit in-group updates); codes."""
+    """Literal restatement of the exl2-format §4.4 pseudocode (row loop with explicit in-group updates); codes."""
     w = torch.zeros(pad32(weight.shape[0]), weight.shape[1])
     w[:weight.shape[0]] = weight.float()
     w = w.T[prep.perm].clone()

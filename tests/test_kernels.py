@@ -179,7 +179,7 @@ def test_cpu_grid_errors_match_literal_sum():
 
 
 def worked_example_codes() -> torch.Tensor:
-    """§1.11: 4-bit group q = i mod 16, 3-bit group q = (i + n) mod 8, K = 64, N = 32."""
+    """exl2-format §2.11: 4-bit group q = i mod 16, 3-bit group q = (i + n) mod 8, K = 64, N = 32."""
     i = torch.arange(32).unsqueeze(1)
     n = torch.arange(32).unsqueeze(0)
     return torch.cat([(i % 16).expand(32, 32), (i + n) % 8])

@@ -209,7 +209,7 @@ def test_greedy_fill_is_maximal_and_only_moves_up():
 
 
 def _measurement(slots, parallel=False):
-    """A measurement dict (§4.8) with records whose extra fields must come back untouched."""
+    """A measurement dict (exl2-format §5.5) with records whose extra fields must come back untouched."""
     def records(slot, tag):
         return [{"accuracy": 1.0 - o.err, "total_bits": o.cost, "q_proj": {"tag": f"{tag}.{k}"}}
                 for k, o in enumerate(slot)]

@@ -1,4 +1,4 @@
-"""EXL2 tensor layout (spec §1): worked example §1.11, validated layouts, round trips, size accounting."""
+"""EXL2 tensor layout (exl2-format §2): worked example §2.11, validated layouts, round trips, size accounting."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def hex_words(column: torch.Tensor) -> list[str]:
 
 
 def reference_pack(codes: torch.Tensor, group_bits: list[int], group_rows: list[int]) -> torch.Tensor:
-    """Independent, literal bit-stream packer of §1.3 (one Python int per column and group)."""
+    """Independent, literal bit-stream packer of exl2-format §2.5 (one Python int per column and group)."""
     words = []
     start = 0
     for bits, rows in zip(group_bits, group_rows):
@@ -103,7 +103,7 @@ def test_worked_example_scales_and_perm(worked_example):
 
 
 def test_worked_example_dequantized_values(worked_example):
-    w = dequantize(on_disk(worked_example))  # [N, K]: W[perm[k], n] of the spec is w[n, perm[k]]
+    w = dequantize(on_disk(worked_example))  # [N, K]: W[perm[k], n] of exl2-format §2.9 is w[n, perm[k]]
     assert w.dtype == torch.float16 and tuple(w.shape) == (32, 64)
     expected = {(0, 0): -4.0, (0, 1): -1.0, (5, 0): -3.5, (10, 0): -3.0, (1, 0): 2.5, (1, 1): 0.625,
                 (32, 0): -0.5, (32, 2): -0.25, (18, 2): 0.0, (59, 0): 0.375}

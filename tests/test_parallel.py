@@ -104,7 +104,7 @@ def test_capture_reports_each_input_once(tiny_model):
 
 
 def test_each_branch_is_measured_on_its_own_output(tiny_model):
-    """Spec §4.5: a parallel decoder's attention and MLP slots are scored on their branch outputs
+    """exl2-format §5.4: a parallel decoder's attention and MLP slots are scored on their branch outputs
     (residual and the other branch excluded), recomputed here with the branches called directly."""
     model = tiny_model("cohere")
     source, plan = _open(model)

@@ -1,4 +1,4 @@
-"""Quantization settings (spec §2): serialization, group layout, size accounting, candidate tables."""
+"""Quantization settings (exl2-format §3): serialization, group layout, size accounting, candidate tables."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The quantizer's options: asymmetric calibration (GPTAQ) and the Hessian group layout.
 
 Each option must keep the EXL2 tensors exact (pack → independent unpack/dequantize reproduces the weight,
-the stored size is the spec's formula) and lower the error it targets against a directly computed
+the stored size is exl2-format §3.3's formula) and lower the error it targets against a directly computed
 reference.
 """
 
@@ -55,7 +55,7 @@ def reference_error(q: torch.Tensor, weight: torch.Tensor, x_ref: torch.Tensor, 
 
 
 def assert_exact_tensors(q, qp: QParams, k: int) -> None:
-    """Independent unpack/dequantize reproduces the weight bit for bit; stored bits are §2.3's formula."""
+    """Independent unpack/dequantize reproduces the weight bit for bit; stored bits are exl2-format §3.3's formula."""
     tensors = q.pack()
     assert torch.equal(dequantize(tensors), q.weight)
     stored = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
