@@ -29,7 +29,7 @@ TARGETS = (2.5, 3.0, 4.0, 5.0, 6.0)
 def synthetic_measurement(
     layers: int = 80, hidden: int = 8192, intermediate: int = 28672, kv: int = 1024, seed: int = 0
 ) -> tuple[dict[str, Any], int]:
-    """A measurement dict (§4.8) with real table costs and errors falling like 2^(−bpw), plus numel."""
+    """A measurement dict (exl2-format §5.5) with real table costs and errors falling like 2^(−bpw), plus numel."""
     rng = np.random.default_rng(seed)
     shapes = {
         "self_attn": (ATTN_TABLE, {"q_proj": (hidden, hidden), "k_proj": (hidden, kv),
@@ -56,7 +56,7 @@ def synthetic_measurement(
 
 
 def slot_keys_in_file_order(measurement: dict[str, Any]) -> list[tuple[str, str | None]]:
-    """Measured blocks in the order measurement.json lists them (module order, §4.8)."""
+    """Measured blocks in the order measurement.json lists them (module order, exl2-format §5.5)."""
     keys: list[tuple[str, str | None]] = []
     for key, value in measurement.items():
         if isinstance(value, dict):
@@ -85,7 +85,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("measurement", nargs="?", help="measurement.json (synthetic if omitted)")
-    parser.add_argument("--numel", type=int, help="weights counted against the budget (§5.1)")
+    parser.add_argument("--numel", type=int, help="weights counted against the budget (exl2-format §6.1)")
     parser.add_argument("--model", help="model directory to take numel from")
     parser.add_argument("--layers", type=int, default=80, help="synthetic layers (2 slots each)")
     parser.add_argument("--targets", type=float, nargs="+", default=TARGETS)

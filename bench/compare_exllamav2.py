@@ -408,7 +408,7 @@ def source_size(model_dir: Path) -> dict:
 def shared_calibration(path: Path, tokenizer, tokens_needed: int) -> Path:
     """A parquet file (``text`` column) of exl2core's calibration texts, cut into paragraphs-aligned
     chunks and interleaved across files, so any prefix of it mixes every domain. Both converters read a
-    parquet file from its start (spec §9.2), so they calibrate on the same tokens."""
+    parquet file from its start (exl2-format §10.2), so they calibrate on the same tokens."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
