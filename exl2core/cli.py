@@ -139,11 +139,12 @@ def _report(args) -> int:
 
 def _inspect(args) -> int:
     from exl2core.model.source import SourceModel
-    from exl2core.plugins import installed_plugins, resolve_plan
+    from exl2core.plugins import installed
 
-    source = SourceModel(args.model)
-    plan = resolve_plan(source.config, args.arch)
-    plugin = next((p.name for p in installed_plugins() if plan.architecture in p.architectures), "?")
+    plugins = installed()
+    source = SourceModel(args.model, plugins)
+    plan = plugins.resolve_plan(source.config, args.arch, source.keys())
+    plugin = plugins.claims().get(plan.architecture, "?")
     print(f"model:        {source.path}")
     print(f"architecture: {plan.architecture} (plugin: {plugin})")
     print(f"parameters:   {source.numel():,}")

@@ -1,19 +1,22 @@
 """The model plan: what a plugin tells the pipeline about a model.
 
-A plan is plain data. The pipeline walks ``ModelPlan.modules`` in order and never asks which
-architecture it is converting; everything architecture-specific is in the plan's fields or in a
-plugin hook.
+A plan is frozen data. The pipeline walks ``ModelPlan.modules`` in order and never asks which
+architecture it is converting: each module is an instance of one kind (a dataclass below, or a
+plugin's subclass of :class:`Module`), whose typed attributes are the parameters of its forward.
+Kinds are bound to their forwards in ``exl2core.modules.forward``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, ClassVar
 
-from exl2core.model.config import ModelConfig
+from exl2core.errors import Exl2Error
+from exl2core.model.config import ModelConfig, RopeSpec
 
-#: Module kinds that the core knows how to run (see ``exl2core.modules.forward``).
-CORE_KINDS = ("embedding", "attention", "mlp", "moe", "parallel", "norm", "head")
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -55,24 +58,61 @@ class Slot:
     output: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class Norm:
+    """How a module normalises: ``kind`` rms | layer, ``offset`` added to the weight (Gemma stores w − 1)."""
+
+    kind: str = "rms"
+    eps: float = 1e-6
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class Attention:
+    """The parameters of causal self-attention; ``rope`` None means no position embedding (Cohere 2's
+    full layers) and ``scale`` None means ``head_dim^−½``."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeSpec | None = RopeSpec()
+    rope_style: str = "neox"
+    max_position: int | None = None
+    sliding_window: int | None = None
+    softcap: float | None = None
+    scale: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Module:
     """One step of the streaming forward: an embedding, a decoder sub-block, a norm or the head.
 
-    ``tensors`` maps a role (``input_norm``, ``router`` …) to the source key of an unquantized tensor
-    the forward needs; those tensors are also written to the output (renamed through the
-    ``exl2_output_name`` hook). ``fields`` are the forward's parameters (eps, activation, rope …).
+    ``tensors`` maps a role of the kind's ``TENSOR_ROLES`` to the source key of an unquantized tensor
+    the forward reads; those tensors are also written to the output (renamed by ``ModelPlan.rename``).
     ``slots`` are the measured groups; ``mode`` names the measurement record
-    (``measurement[key + "." + mode]``).
+    (``measurement[key + "." + mode]``); ``layer`` is the decoder layer (None outside the stack).
+    ``shared_hessians`` overrides the Hessian sharing that ``Linear.input`` implies (see
+    :meth:`hessian_groups`).
     """
 
-    kind: str
+    #: The kind's name, as ``exl2 inspect`` shows it.
+    kind: ClassVar[str] = "module"
+    #: Roles ``tensors`` may use; a misspelt role is refused when the plan is built.
+    TENSOR_ROLES: ClassVar[tuple[str, ...]] = ()
+
     key: str
     mode: str
-    linears: list[Linear] = field(default_factory=list)
-    tensors: dict[str, str] = field(default_factory=dict)
-    fields: dict[str, Any] = field(default_factory=dict)
-    slots: list[Slot] = field(default_factory=list)
+    layer: int | None = None
+    linears: tuple[Linear, ...] = ()
+    tensors: Mapping[str, str] = field(default_factory=dict)
+    slots: tuple[Slot, ...] = ()
+    shared_hessians: tuple[tuple[str, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tensors) - set(self.TENSOR_ROLES))
+        if unknown:
+            raise Exl2Error(f"{self.key}: a {self.kind} module has no tensor role {', '.join(unknown)} "
+                            f"(roles: {', '.join(self.TENSOR_ROLES) or 'none'})")
 
     @property
     def measurement_key(self) -> str:
@@ -84,31 +124,158 @@ class Module:
                 return lin
         raise KeyError(f"{self.key} has no linear {name!r}")
 
+    def hessian_groups(self) -> list[list[str]]:
+        """The linears by shared Hessian, the first of each group owning it (and fixing the act-order
+        permutation the others reuse): ``shared_hessians`` when set, else grouped by ``Linear.input``."""
+        if self.shared_hessians is not None:
+            return [list(group) for group in self.shared_hessians]
+        groups: dict[str, list[str]] = {}
+        for lin in self.linears:
+            groups.setdefault(lin.input, []).append(lin.name)
+        return list(groups.values())
+
     def numel(self) -> int:
         """Quantized parameter count, output features padded to 32 as in the EXL2 layout."""
         return sum(lin.in_features * (-(-lin.out_features // 32) * 32) for lin in self.linears)
 
 
-@dataclass
+def _norm_roles(*roles: str) -> tuple[str, ...]:
+    return tuple(r for role in roles for r in (role, role + ".bias"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingModule(Module):
+    """Token ids → hidden states, multiplied by ``scale`` (Gemma: √hidden)."""
+
+    kind: ClassVar[str] = "embedding"
+    TENSOR_ROLES: ClassVar[tuple[str, ...]] = ("embed",)
+
+    scale: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionModule(Module):
+    """``x + post_norm(o_proj(attention(norm(x))))``; linears ``q_proj k_proj v_proj o_proj``, q/k
+    norms applied per head when the tensors are there."""
+
+    kind: ClassVar[str] = "attention"
+    TENSOR_ROLES: ClassVar[tuple[str, ...]] = _norm_roles("input_norm", "post_norm") + ("q_norm", "k_norm")
+
+    norm: Norm
+    attention: Attention
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlpModule(Module):
+    """``x + post_norm(down(act(gate(h)) · up(h)))``, ``h = norm(x)``; no ``gate_proj``: ``down(act(up(h)))``."""
+
+    kind: ClassVar[str] = "mlp"
+    TENSOR_ROLES: ClassVar[tuple[str, ...]] = _norm_roles("input_norm", "post_norm")
+
+    norm: Norm
+    activation: str = "silu"
+
+
+@dataclass(frozen=True)
+class Expert:
+    """The names (``Linear.name``) of one expert's gate, up and down projections."""
+
+    gate: str
+    up: str
+    down: str
+
+
+#: ``f(module, weights, x) -> [tokens, experts]`` float routing weights, non-zero exactly for the selected
+#: experts, for normed tokens ``x`` ``[tokens, hidden]``.
+RoutingWeights = Callable[["MoeModule", Mapping[str, "torch.Tensor"], "torch.Tensor"], "torch.Tensor"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoeModule(Module):
+    """``x + Σ_e score_e · expert_e(norm(x))`` over the routed experts. The router is softmax → top-k →
+    (``renormalize``) renormalise unless ``routing`` replaces it; ``all_experts_hessian`` calibrates
+    every expert's down projection on every token."""
+
+    kind: ClassVar[str] = "moe"
+    TENSOR_ROLES: ClassVar[tuple[str, ...]] = ("input_norm", "router")
+
+    norm: Norm
+    experts: tuple[Expert, ...]
+    top_k: int
+    activation: str = "silu"
+    renormalize: bool = True
+    all_experts_hessian: bool = False
+    routing: RoutingWeights | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelModule(Module):
+    """``x + attn(norm(x)) + mlp(norm(x))`` (Cohere): the attention's and the MLP's linears side by side."""
+
+    kind: ClassVar[str] = "parallel"
+    TENSOR_ROLES: ClassVar[tuple[str, ...]] = _norm_roles("input_norm") + ("q_norm", "k_norm")
+
+    norm: Norm
+    attention: Attention
+    activation: str = "silu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormModule(Module):
+    """The final norm (tensor role ``weight``)."""
+
+    kind: ClassVar[str] = "norm"
+    TENSOR_ROLES: ClassVar[tuple[str, ...]] = _norm_roles("weight")
+
+    norm: Norm
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadModule(Module):
+    """Float32 logits ``lm_head(x) · logit_scale``, soft-capped, cut to ``vocab_size`` (0: uncut). The head
+    is quantized with the head bits, outside the bit allocation."""
+
+    kind: ClassVar[str] = "head"
+
+    vocab_size: int = 0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelPlan:
     """Everything the pipeline needs to know about one model.
 
     ``carry`` lists source-key prefixes copied to the output unconverted (vision towers,
     projectors). ``noise_rows`` is the number of Gaussian-noise calibration rows per pass
-    (``(measurement, quantization)``), which some multimodal models want.
+    (``(measurement, quantization)``), which some multimodal models want. ``rename`` gives the output
+    (exllamav2) name of an unquantized source tensor, or None to keep it (quantized linears are named by
+    ``Linear.key``); the default keeps every checkpoint name.
     """
 
     architecture: str
     config: ModelConfig
-    modules: list[Module]
+    modules: tuple[Module, ...]
     lm_prefix: str = ""
-    carry: list[str] = field(default_factory=list)
+    carry: tuple[str, ...] = ()
     fp32_residual: bool = False
     noise_rows: tuple[int, int] = (0, 0)
+    rename: Callable[[str], str | None] | None = field(default=None, repr=False, compare=False)
 
     @property
-    def head(self) -> Module:
-        return self.modules[-1]
+    def head(self) -> HeadModule:
+        head = self.modules[-1]
+        if not isinstance(head, HeadModule):
+            raise Exl2Error(f"{self.architecture}: the plan's last module is a {head.kind}, not the head")
+        return head
+
+    def output_name(self, source_key: str) -> str:
+        """The name an unquantized source tensor is written under."""
+        return (self.rename(source_key) if self.rename else None) or source_key
 
     def slots(self) -> list[Slot]:
         return [slot for module in self.modules for slot in module.slots]

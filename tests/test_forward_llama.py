@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
-import pluggy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,11 +14,11 @@ from exl2core.model.config import ModelConfig, RopeSpec
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import forward_logits
 from exl2core.modules.attention import attend, attend_explicit
-from exl2core.modules.forward import module_forward
+from exl2core.modules.forward import KINDS, module_forward, register_kind
 from exl2core.modules.norm import normalize
 from exl2core.modules.rope import apply_rope, attention_factor, inv_freq, rope_tables
-from exl2core.plan import Module
-from exl2core.plugins import plugin_manager, resolve_plan
+from exl2core.plan import AttentionModule, HeadModule, Module
+from exl2core.plugins import resolve_plan
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16, "rope_theta": 10000.0}
@@ -72,11 +72,10 @@ def test_logits_match_transformers(tiny_model, name):
     assert _kl(model.hf_logits(ids, half), forward_logits(source, plan, ids, dtype=half)) <= 1e-4
 
 
-def _with_field(plan, kind, **fields):
-    for module in plan.modules:
-        if module.kind == kind:
-            module.fields.update(fields)
-    return plan
+def _with_attention(plan, **changes):
+    """``plan`` with ``changes`` to every attention module's parameters."""
+    return replace(plan, modules=tuple(replace(m, attention=replace(m.attention, **changes))
+                                       if isinstance(m, AttentionModule) else m for m in plan.modules))
 
 
 def test_window_and_rope_scaling_change_the_logits(tiny_model):
@@ -84,14 +83,14 @@ def test_window_and_rope_scaling_change_the_logits(tiny_model):
     mistral = tiny_model("mistral", sliding_window=16)
     source, plan = _open(mistral)
     ids = mistral.random_ids()
-    assert plan.modules[1].fields["sliding_window"] == 16
-    wrong = forward_logits(source, _with_field(plan, "attention", sliding_window=None), ids)
+    assert plan.modules[1].attention.sliding_window == 16
+    wrong = forward_logits(source, _with_attention(plan, sliding_window=None), ids)
     assert (wrong - mistral.hf_logits(ids)).abs().max().item() > 1e-2
 
     scaled = tiny_model("llama", rope_parameters=LLAMA3)
     source, plan = _open(scaled)
-    assert plan.modules[1].fields["rope"].kind == "llama3"
-    wrong = forward_logits(source, _with_field(plan, "attention", rope=RopeSpec()), ids)
+    assert plan.modules[1].attention.rope.kind == "llama3"
+    wrong = forward_logits(source, _with_attention(plan, rope=RopeSpec()), ids)
     assert (wrong - scaled.hf_logits(ids)).abs().max().item() > 1e-2
 
 
@@ -161,13 +160,12 @@ def test_embedding_clamps_out_of_range_ids(tiny_llama):
     out = module_forward(module)(module, weights, torch.tensor([[-1, 5, 300, 10**6]]))
     table = weights["embed"]
     assert torch.equal(out[0], torch.stack([table[0], table[5], table[0], table[0]]))
-    module.fields["scale"] = 8.0
+    module = replace(module, scale=8.0)
     assert torch.equal(module_forward(module)(module, weights, torch.tensor([[5]]))[0, 0], table[5] * 8.0)
 
 
 def test_head_scale_softcap_and_vocab_slice():
-    module = Module(kind="head", key="lm_head", mode="linear",
-                    fields={"vocab_size": 5, "softcap": 3.0, "logit_scale": 0.5})
+    module = HeadModule(key="lm_head", mode="linear", vocab_size=5, softcap=3.0, logit_scale=0.5)
     weights = {"lm_head": torch.randn(32, 8, dtype=torch.float16)}
     x = torch.randn(1, 4, 8, dtype=torch.float16)
     out = module_forward(module)(module, weights, x)
@@ -176,23 +174,33 @@ def test_head_scale_softcap_and_vocab_slice():
     assert torch.allclose(out, expected, atol=1e-3)
 
 
-def test_unknown_kind_asks_the_plugins():
-    module = Module(kind="rwkv", key="model.layers.0", mode="rwkv")
-    with pytest.raises(Exl2Error, match="no forward for module kind 'rwkv'"):
+@dataclass(frozen=True, kw_only=True)
+class RwkvModule(Module):
+    kind = "test.rwkv"
+    TENSOR_ROLES = ("time_mix",)
+
+    decay: float = 0.5
+
+
+def test_a_plugin_kind_is_registered_once(monkeypatch):
+    module = RwkvModule(key="model.layers.0", mode="rwkv", tensors={"time_mix": "model.layers.0.time_mix"})
+    with pytest.raises(Exl2Error, match="no forward for module kind RwkvModule"):
         module_forward(module)
+    monkeypatch.setattr("exl2core.modules.forward.KINDS", dict(KINDS))
 
-    class Plugin:
-        @pluggy.HookimplMarker("exl2core")
-        def exl2_module_forward(self, module):
-            return (lambda m, w, x, capture=None: x + 1) if module.kind == "rwkv" else None
+    def forward(m, w, x, capture=None):
+        return x + m.decay
 
-    pm = plugin_manager()
-    plugin = Plugin()
-    pm.register(plugin)
-    try:
-        assert module_forward(module)(module, {}, torch.zeros(1)).item() == 1.0
-    finally:
-        pm.unregister(plugin)
+    register_kind(RwkvModule, forward)
+    register_kind(RwkvModule, forward)  # the same binding again is harmless
+    assert module_forward(module)(module, {}, torch.zeros(1)).item() == 0.5
+    with pytest.raises(Exl2Error, match="already has a forward"):
+        register_kind(RwkvModule, lambda m, w, x, capture=None: x)
+
+
+def test_misspelt_tensor_roles_are_refused():
+    with pytest.raises(Exl2Error, match="no tensor role tim_mix"):
+        RwkvModule(key="model.layers.0", mode="rwkv", tensors={"tim_mix": "model.layers.0.time_mix"})
 
 
 def test_norms_match_torch():

@@ -20,9 +20,11 @@ from exl2core.model.config import ModelConfig
 from exl2core.model.exl2_weights import open_model
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import forward_logits
-from exl2core.plugins import plugin_manager, resolve_plan
-from exl2_gemma import (LEGACY_LM_SOURCE, NESTED_LM_SOURCE, gemma3_language_plan, language_output_name,
-                        lm_source_prefix)
+from exl2core.plan import AttentionModule, MlpModule
+from exl2core.plugins import load_config, resolve_plan
+from exl2_gemma import gemma3_vlm_plan, vlm_output_name
+
+LEGACY_LM_SOURCE, NESTED_LM_SOURCE = "language_model.model.", "model.language_model."
 
 #: Four layers so local and global layers alternate; the window is shorter than the 48-token rows.
 LAYERS = dict(num_hidden_layers=4, sliding_window=8)  # Gemma 1 must ignore the window
@@ -114,19 +116,19 @@ def test_logits_match_transformers(gemma_model, name, style):
 def test_plan_fields(gemma_model):
     plans = {name: _plan(SourceModel(gemma_model(name).path)) for name in MODELS}
     for name, plan in plans.items():
-        attn = [m for m in plan.modules if m.kind == "attention"]
-        mlp = [m for m in plan.modules if m.kind == "mlp"]
-        assert all(m.fields["norm_offset"] == 1.0 and m.fields["activation"] == "gelu_tanh" for m in mlp)
-        assert plan.modules[0].fields["scale"] == pytest.approx(TINY_DIMS["hidden_size"] ** 0.5)
+        attn = [m for m in plan.modules if isinstance(m, AttentionModule)]
+        mlp = [m for m in plan.modules if isinstance(m, MlpModule)]
+        assert all(m.norm.offset == 1.0 and m.activation == "gelu_tanh" for m in mlp)
+        assert plan.modules[0].scale == pytest.approx(TINY_DIMS["hidden_size"] ** 0.5)
         assert plan.head.linears[0].source == "model.embed_tokens" and plan.head.linears[0].key == "lm_head"
         assert plan.fp32_residual == (name != "gemma")
-        windows = [m.fields["sliding_window"] for m in attn]
+        windows = [m.attention.sliding_window for m in attn]
         assert windows == {"gemma": [None] * 4, "gemma2": [8, None, 8, None], "gemma3": [8, 8, None, 8]}[name]
-    g3 = [m for m in plans["gemma3"].modules if m.kind == "attention"]
-    assert [m.fields["rope"].theta for m in g3] == [1000.0, 1000.0, 50000.0, 1000.0]
-    assert g3[2].fields["rope"].kind == "linear" and "q_norm" in g3[0].tensors
-    assert g3[0].fields["scale"] == pytest.approx(24 ** -0.5)
-    assert plans["gemma"].modules[1].fields["scale"] is None
+    g3 = [m.attention for m in plans["gemma3"].modules if isinstance(m, AttentionModule)]
+    assert [a.rope.theta for a in g3] == [1000.0, 1000.0, 50000.0, 1000.0]
+    assert g3[2].rope.kind == "linear" and "q_norm" in plans["gemma3"].modules[1].tensors
+    assert g3[0].scale == pytest.approx(24 ** -0.5)
+    assert plans["gemma"].modules[1].attention.scale is None
 
 
 def test_text_only_gemma3_warns(gemma_model):
@@ -140,18 +142,18 @@ def test_released_gemma3_defaults(gemma_model):
            "text_config": {"hidden_size": 3840, "intermediate_size": 15360, "num_attention_heads": 16,
                            "num_hidden_layers": 12, "num_key_value_heads": 8, "sliding_window": 1024,
                            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}}
-    plan = gemma3_language_plan(ModelConfig.from_dict(raw))
+    plan = gemma3_vlm_plan(ModelConfig.from_dict(raw), "Gemma3ForConditionalGeneration")
     q = plan.modules[1].linear("q_proj")
     assert (q.in_features, q.out_features) == (3840, 16 * 256)
     assert plan.head.linears[0].out_features == 262_208
-    ropes = [m.fields["rope"] for m in plan.modules if m.kind == "attention"]
+    ropes = [m.attention.rope for m in plan.modules if isinstance(m, AttentionModule)]
     assert [(r.theta, r.kind, r.factor) for r in ropes[4:6]] == [(10000.0, "default", 1.0),
                                                                  (1_000_000.0, "linear", 8.0)]
-    assert plan.modules[1].fields["norm_eps"] == 1e-6 and plan.modules[1].fields["scale"] == 256 ** -0.5
+    assert plan.modules[1].norm.eps == 1e-6 and plan.modules[1].attention.scale == 256 ** -0.5
     bidirectional = json.loads(json.dumps(raw))
     bidirectional["text_config"]["use_bidirectional_attention"] = True
     with pytest.raises(Exl2Error, match="bidirectional"):
-        gemma3_language_plan(ModelConfig.from_dict(bidirectional))
+        gemma3_vlm_plan(ModelConfig.from_dict(bidirectional), "Gemma3ForConditionalGeneration")
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +186,9 @@ def gemma3_vlm(tmp_path_factory):
 def test_vlm_language_model(gemma3_vlm, layout):
     hf, legacy, nested = gemma3_vlm
     source = SourceModel(legacy if layout == "legacy" else nested)
-    prefix = lm_source_prefix(source.keys())
-    assert prefix == (LEGACY_LM_SOURCE if layout == "legacy" else NESTED_LM_SOURCE)
-    plan = gemma3_language_plan(source.config, source_prefix=prefix)
+    plan = resolve_plan(source.config, tensor_names=source.keys())
+    read_from = {lin.source.split("layers.")[0] for m in plan.modules[1:-2] for lin in m.linears}
+    assert read_from == {LEGACY_LM_SOURCE if layout == "legacy" else NESTED_LM_SOURCE}
     assert plan.lm_prefix == "language_model." and plan.head.key == "language_model.lm_head"
     assert plan.modules[1].linear("q_proj").key == "language_model.model.layers.0.self_attn.q_proj"
     ids = torch.randint(0, TINY_DIMS["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
@@ -195,22 +197,21 @@ def test_vlm_language_model(gemma3_vlm, layout):
     assert (forward_logits(source, plan, ids) - ref).abs().max().item() <= 1e-4
 
     legacy_keys = set(SourceModel(legacy).keys())
-    out_name = plugin_manager().hook.exl2_output_name
     for module in plan.modules:
         for key in module.tensors.values():
-            name = out_name(plan=plan, source_key=key)
+            name = plan.output_name(key)
             assert name in legacy_keys and name.startswith(LEGACY_LM_SOURCE)
             with safe_open(str(legacy / "model.safetensors"), "pt") as f:
                 assert torch.equal(f.get_tensor(name), source.tensor(key))
 
 
-def test_language_output_name_leaves_other_keys():
-    assert language_output_name("model.language_model.norm.weight") == "language_model.model.norm.weight"
-    assert language_output_name("model.vision_tower.vision_model.post_layernorm.weight") is None
-    with pytest.raises(Exl2Error, match="layout"):
-        gemma3_language_plan(ModelConfig.from_dict({"architectures": ["Gemma3ForConditionalGeneration"],
-                                                    "hidden_size": 64, "num_attention_heads": 4,
-                                                    "num_hidden_layers": 1}), source_prefix="lm.")
+def test_vlm_output_names():
+    assert vlm_output_name("model.language_model.norm.weight") == "language_model.model.norm.weight"
+    assert vlm_output_name("model.vision_tower.vision_model.post_layernorm.weight") == \
+        "vision_tower.vision_model.post_layernorm.weight"
+    assert vlm_output_name("vision_tower.post_layernorm.weight") == "vision_tower.vision_model.post_layernorm.weight"
+    assert vlm_output_name("multi_modal_projector.mm_input_projection_weight") == \
+        "multi_modal_projector.mm_input_projection.weight"
 
 
 @pytest.mark.slow
@@ -249,6 +250,6 @@ def test_released_gemma3_vlm_config_without_head_counts_loads(tmp_path):
            "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "num_hidden_layers": 34,
                            "intermediate_size": 10240}}
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    config = ModelConfig.load(tmp_path)
+    config = load_config(tmp_path)
     assert (config.num_heads, config.num_kv_heads, config.head_dim) == (8, 4, 256)
     assert config.vocab_size == 262_208 and config.text["query_pre_attn_scalar"] == 256

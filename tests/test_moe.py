@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ from exl2core.modules.linear import apply_linear
 from exl2core.modules.moe import UnderRoutedExpertWarning, down_input, expert_token_counts
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.runner import forward_rows
-from exl2core import hookimpl
-from exl2core.plugins import plugin_manager, resolve_plan
+from exl2core.plan import HeadModule, MoeModule, NormModule
+from exl2core.plugins import resolve_plan
 from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import pad32, table_setting
 
@@ -93,12 +94,12 @@ def run_moe_blocks(source, plan, ids: torch.Tensor) -> list[tuple[object, dict, 
     states = HiddenStates([module_forward(embed)(embed, weights, row[None])[0] for row in ids], "cpu")
     blocks = []
     for module in plan.modules[1:]:
-        if module.kind in ("norm", "head"):
+        if isinstance(module, (NormModule, HeadModule)):
             break
         hessians = {}
         weights = source.module_weights(module, torch.float32, "cpu")
         outputs = forward_rows(module_forward(module), module, weights, states, hessians)
-        if module.kind == "moe":
+        if isinstance(module, MoeModule):
             blocks.append((module, hessians, outputs))
         states = states.replaced(outputs)
     return blocks
@@ -138,27 +139,21 @@ def test_expert_token_counts_match_transformers_router(moe_model):
             assert (down_input(e) in hessians) == (n > 0)
 
 
-class FirstTwoExperts:
-    """A routing plugin that sends every token to experts 0 and 1 with weights 0.25 and 0.75."""
-
-    @hookimpl
-    def exl2_routing_weights(self, module, weights, x):
-        scores = torch.zeros(x.shape[0], module.fields["num_experts"])
-        scores[:, 0], scores[:, 1] = 0.25, 0.75
-        return scores
+def first_two_experts(module, weights, x):
+    """A plugin's routing: every token to experts 0 and 1 with weights 0.25 and 0.75."""
+    scores = torch.zeros(x.shape[0], module.num_experts)
+    scores[:, 0], scores[:, 1] = 0.25, 0.75
+    return scores
 
 
-@pytest.fixture
-def first_two_experts():
-    pm = plugin_manager()
-    plugin = FirstTwoExperts()
-    pm.register(plugin, name="test-first-two-experts")
-    yield
-    pm.unregister(plugin)
+def routed_by(plan, routing):
+    return replace(plan, modules=tuple(replace(m, routing=routing) if isinstance(m, MoeModule) else m
+                                       for m in plan.modules))
 
 
-def test_custom_routing_and_all_experts_mode(mixtral, first_two_experts, monkeypatch):
+def test_custom_routing_and_all_experts_mode(mixtral, monkeypatch):
     source, plan = plan_of(mixtral.path)
+    plan = routed_by(plan, first_two_experts)
     ids = mixtral.random_ids(batch=2, length=24)
     with pytest.warns(UnderRoutedExpertWarning) as caught:
         routed = run_moe_blocks(source, plan, ids)
@@ -170,7 +165,7 @@ def test_custom_routing_and_all_experts_mode(mixtral, first_two_experts, monkeyp
 
     weights = source.module_weights(module, torch.float32, "cpu")
     x = torch.randn(1, 5, 64)
-    h = torch.nn.functional.rms_norm(x, (64,), weights["input_norm"], module.fields["norm_eps"])
+    h = torch.nn.functional.rms_norm(x, (64,), weights["input_norm"], module.norm.eps)
 
     def expert(e):
         inner = torch.nn.functional.silu(apply_linear(weights, f"experts.{e}.w1", h))
@@ -181,11 +176,12 @@ def test_custom_routing_and_all_experts_mode(mixtral, first_two_experts, monkeyp
 
     monkeypatch.setenv("EXL2_MOE_ALL_EXPERTS", "1")
     source, plan = plan_of(mixtral.path)
+    plan = routed_by(plan, first_two_experts)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnderRoutedExpertWarning)
         everything = run_moe_blocks(source, plan, ids)
     for (module, hessians, outputs), (_, routed_hessians, routed_outputs) in zip(everything, routed):
-        assert module.fields["all_experts_hessian"]
+        assert module.all_experts_hessian
         assert all(torch.equal(a, b) for a, b in zip(outputs, routed_outputs))
         assert expert_token_counts(hessians, module) == [ids.numel(), ids.numel(), 0, 0]
         for e in range(4):
@@ -210,7 +206,7 @@ def test_all_experts_mode_keeps_the_output(tiny_model, monkeypatch):
 
 def test_mixtral_plan_names_and_sharing(mixtral):
     _, plan = plan_of(mixtral.path)
-    moe = [m for m in plan.modules if m.kind == "moe"]
+    moe = [m for m in plan.modules if isinstance(m, MoeModule)]
     assert [m.key for m in moe] == ["model.layers.0", "model.layers.1"]
     module = moe[1]
     assert module.mode == "block_sparse_moe" and module.measurement_key == "model.layers.1.block_sparse_moe"
@@ -220,7 +216,7 @@ def test_mixtral_plan_names_and_sharing(mixtral):
                               "router": "model.layers.1.block_sparse_moe.gate.weight"}
     assert [lin.key for lin in module.linears[:3]] == [
         f"model.layers.1.block_sparse_moe.experts.0.{w}" for w in ("w1", "w3", "w2")]
-    groups = plugin_manager().hook.exl2_hessian_groups(module=module)
+    groups = module.hessian_groups()
     assert groups[0] == [f"experts.{e}.{w}" for e in range(4) for w in ("w1", "w3")]
     assert groups[1:] == [[f"experts.{e}.w2"] for e in range(4)]
     assert module.numel() == 4 * 3 * 64 * 64
@@ -235,7 +231,7 @@ def test_qwen3_moe_plan_names(tiny_model):
     assert {(lin.role, lin.key) for lin in module.linears if ".3." in lin.name} == {
         ("w1", "model.layers.0.mlp.experts.3.gate_proj"), ("w3", "model.layers.0.mlp.experts.3.up_proj"),
         ("w2", "model.layers.0.mlp.experts.3.down_proj")}
-    assert module.fields["renormalize"] is True
+    assert module.renormalize is True
 
 
 def qwen3_config(**changes) -> ModelConfig:
@@ -260,7 +256,7 @@ def test_unsupported_configs_are_refused(changes, message):
 def test_unnormalised_routing_warns_about_exllamav2():
     with pytest.warns(UserWarning, match="renormalises the top-k routing weights anyway"):
         plan = resolve_plan(qwen3_config(norm_topk_prob=False))
-    assert plan.modules[2].fields["renormalize"] is False
+    assert plan.modules[2].renormalize is False
 
 
 def test_bad_all_experts_setting(monkeypatch):

@@ -20,7 +20,8 @@ from exl2core.modules.norm import normalize
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.measure import measure_module
 from exl2core.pipeline.runner import prepare_hessians, forward_rows
-from exl2core.plugins import plugin_manager, resolve_plan
+from exl2core.plan import ParallelModule
+from exl2core.plugins import resolve_plan
 from exl2core.quant.gptq import quantize_linear
 from exl2core.quant.qparams import table_setting
 
@@ -66,19 +67,19 @@ def test_cohere_plan_shape(tiny_model):
                              "k_norm": "model.layers.0.self_attn.k_norm.weight"}
     assert {lin.name: lin.key for lin in layer.linears}["gate_proj"] == "model.layers.0.mlp.gate_proj"
     assert plan.head.linears[0].source == "model.embed_tokens"
-    assert plan.head.fields["logit_scale"] == pytest.approx(0.0625)
+    assert plan.head.logit_scale == pytest.approx(0.0625)
 
 
 def test_cohere2_full_layers_have_no_rope(tiny_model):
     _, plan = _open(tiny_model("cohere2", sliding_window=8, num_hidden_layers=4))
-    layers = [m for m in plan.modules if m.kind == "parallel"]
-    assert [m.fields["sliding_window"] for m in layers] == [8, 8, 8, None]
-    assert [m.fields["rope"] is None for m in layers] == [False, False, False, True]
+    layers = [m for m in plan.modules if isinstance(m, ParallelModule)]
+    assert [m.attention.sliding_window for m in layers] == [8, 8, 8, None]
+    assert [m.attention.rope is None for m in layers] == [False, False, False, True]
 
 
 def test_hessian_groups_share_the_normed_input(tiny_model):
     _, plan = _open(tiny_model("cohere"))
-    groups = plugin_manager().hook.exl2_hessian_groups(module=plan.modules[1])
+    groups = plan.modules[1].hessian_groups()
     assert groups == [["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], ["o_proj"], ["down_proj"]]
 
 
@@ -92,7 +93,7 @@ def test_capture_reports_each_input_once(tiny_model):
     seen: list[tuple[str, torch.Tensor]] = []
     y = module_forward(module)(module, weights, x, lambda name, t: seen.append((name, t)))
     assert [name for name, _ in seen] == ["attn_in", "attn_out", "mlp_down", "attn_branch", "mlp_branch"]
-    normed = normalize(x, weights["input_norm"], kind="layer", eps=module.fields["norm_eps"])
+    normed = normalize(x, weights["input_norm"], kind="layer", eps=module.norm.eps)
     torch.testing.assert_close(seen[0][1], normed)
     layer = model.hf.model.layers[0]
     with torch.inference_mode():
@@ -120,7 +121,7 @@ def test_each_branch_is_measured_on_its_own_output(tiny_model):
     forward_rows(fwd, module, weights, states, hessians)
     prepared = prepare_hessians(module, hessians, "cpu")
     branches = {"attn": lambda w, h: attention_branch(module, w, h),
-                "mlp": lambda w, h: feed_forward(w, h, activation(module.fields["activation"]), module, None)}
+                "mlp": lambda w, h: feed_forward(w, h, activation(module.activation), module, None)}
     for slot in module.slots:
         for row in (0, 9):
             trial = dict(weights)
@@ -131,7 +132,7 @@ def test_each_branch_is_measured_on_its_own_output(tiny_model):
                     trial[lin.name] = q.weight[: lin.out_features].float()
             errors = []
             for i in range(len(states)):
-                h = normalize(states.row(i), weights["input_norm"], kind="layer", eps=module.fields["norm_eps"])
+                h = normalize(states.row(i), weights["input_norm"], kind="layer", eps=module.norm.eps)
                 ref, out = branches[slot.table](weights, h), branches[slot.table](trial, h)
                 errors.append((torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item())
             expected = 1 - sum(errors) / len(errors)

@@ -38,11 +38,10 @@ EXAMPLE_ARCHITECTURES = ["Qwen3ForCausalLM", "qwen3"]
 BUILT_IN = {
     "llama": {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"},
     "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM"},
-    "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"},
+    "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
     "vision": {"LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration",
-               "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-               "Gemma3ForConditionalGeneration"},
+               "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"},
 }
 
 #: A Qwen3 that converts in seconds (dimensions multiples of 32); heads × head_dim (128) is not

@@ -8,6 +8,7 @@ multimodal checkpoints). ``ModelConfig`` reads both and exposes one set of names
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     rope_by_layer_type: dict[str, RopeSpec] = field(default_factory=dict)
-    tensor_keys: frozenset[str] = frozenset()
 
     def get(self, *names: str, default: Any = None) -> Any:
         """First of ``names`` present in the text view (then the top level), else ``default``."""
@@ -143,7 +143,9 @@ class ModelConfig:
         )
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "ModelConfig":
+    def load(cls, model_dir: str | Path, defaults: Callable[[dict], dict] | None = None) -> "ModelConfig":
+        """config.json of ``model_dir``, passed through ``defaults`` (the plugins' missing keys, see
+        ``exl2core.plugins.load_config``) before it is read."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise Exl2Error(f"{model_dir}: no config.json (is this a HuggingFace model directory?)")
@@ -153,16 +155,4 @@ class ModelConfig:
             raise Exl2Error(f"{path}: unreadable config.json ({e})") from None
         if not isinstance(raw, dict):
             raise Exl2Error(f"{path}: config.json is not a JSON object")
-        return cls.from_dict(with_plugin_defaults(raw))
-
-
-def with_plugin_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` with the keys plugins supply for configs that omit them (see ``exl2_config_defaults``)."""
-    from exl2core.plugins import plugin_manager
-
-    raw = json.loads(json.dumps(raw))
-    target = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
-    for defaults in plugin_manager().hook.exl2_config_defaults(raw=raw):
-        for key, value in (defaults or {}).items():
-            target.setdefault(key, value)
-    return raw
+        return cls.from_dict(defaults(raw) if defaults else raw)

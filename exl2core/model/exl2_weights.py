@@ -18,7 +18,7 @@ from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import WeightsOverride, forward_logits
 from exl2core.plan import Linear, Module, ModelPlan
-from exl2core.plugins import plugin_manager, resolve_plan
+from exl2core.plugins import Plugins, installed
 from exl2core.quant.pack import QUANT_SUFFIXES, dequantize
 
 
@@ -64,13 +64,12 @@ class Exl2Weights:
         return out
 
     def _renamed_tensors(self, module: Module) -> dict[str, torch.Tensor]:
-        """Unquantized tensors the converter wrote under another name (``exl2_output_name``)."""
-        out_name = plugin_manager().hook.exl2_output_name
+        """Unquantized tensors the converter wrote under another name (``ModelPlan.rename``)."""
         found = {}
         for role, key in module.tensors.items():
             if self.source.has(key):
                 continue
-            name = out_name(plan=self.plan, source_key=key)
+            name = self.plan.output_name(key)
             if name and name != key and self.source.has(name):
                 found[role] = self.source.tensor(name, device=self.device)
         return found
@@ -109,9 +108,10 @@ def inference_device(device: str | None = None, dtype: str | None = None) -> tup
 
 
 def open_model(model_dir: str | Path, device: torch.device | str = "cpu", arch: str | None = None,
-               cache: bool = False) -> InferenceModel:
+               cache: bool = False, plugins: Plugins | None = None) -> InferenceModel:
     """Open an FP16 HF or an EXL2 directory; ``cache`` keeps dequantized EXL2 weights (see Exl2Weights)."""
-    source = SourceModel(model_dir)
-    plan = resolve_plan(source.config, arch)
+    plugins = plugins or installed()
+    source = SourceModel(model_dir, plugins)
+    plan = plugins.resolve_plan(source.config, arch, source.keys())
     override = Exl2Weights(source, plan, device, cache) if is_exl2(source) else None
     return InferenceModel(source, plan, override)

@@ -17,19 +17,21 @@ from safetensors import SafetensorError, safe_open
 from exl2core.errors import Exl2Error
 from exl2core.model.config import ModelConfig
 from exl2core.plan import Module
+from exl2core.plugins import Plugins, installed
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
 class SourceModel:
-    """A HuggingFace model directory opened for reading."""
+    """A HuggingFace model directory opened for reading; its config is read with ``plugins``' defaults
+    (the installed plugins unless given)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, plugins: Plugins | None = None):
         self.path = Path(model_dir)
         if not self.path.is_dir():
             raise Exl2Error(f"{model_dir}: no such model directory")
-        self.config: ModelConfig = ModelConfig.load(self.path)
+        self.config: ModelConfig = (plugins or installed()).load_config(self.path)
         self._handles: dict[Path, object] = {}
         self._file_of: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -41,7 +43,6 @@ class SourceModel:
                                     f"and {shard.name}; remove the stray file")
                 self._file_of[key] = shard
                 self._shapes[key] = tuple(handle.get_slice(key).get_shape())
-        self.config.tensor_keys = frozenset(self._file_of)
 
     def _shard_files(self) -> list[Path]:
         """The files holding the weights: the index's shards, model.safetensors, else every *.safetensors."""

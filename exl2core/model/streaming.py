@@ -12,7 +12,7 @@ import torch
 
 from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
-from exl2core.plan import Module, ModelPlan
+from exl2core.plan import EmbeddingModule, Module, ModelPlan
 
 WeightsOverride = Callable[[Module], "dict[str, torch.Tensor] | None"]
 
@@ -42,7 +42,7 @@ def forward_logits(source: SourceModel, plan: ModelPlan, input_ids: torch.Tensor
         for module in plan.modules:
             weights = module_weights(source, module, dtype, device, weights_override)
             x = module_forward(module)(module, weights, x)
-            if module.kind == "embedding" and plan.fp32_residual:
+            if isinstance(module, EmbeddingModule) and plan.fp32_residual:
                 x = x.float()
             del weights
     return x.float()

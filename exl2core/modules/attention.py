@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from exl2core.modules.linear import Capture, apply_linear, capture_inputs
 from exl2core.modules.norm import norm_role
 from exl2core.modules.rope import apply_rope, rope_tables
-from exl2core.plan import Module
+from exl2core.plan import AttentionModule, ParallelModule
 
 #: Bytes of float32 attention scores the explicit path materialises at once (bounded by head chunking).
 SCORE_BUDGET = 1 << 28
@@ -63,37 +63,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, window, q.device), scale=scale)
 
 
-def attention_branch(module: Module, weights: dict[str, torch.Tensor], h: torch.Tensor,
+def attention_branch(module: AttentionModule | ParallelModule, weights: dict[str, torch.Tensor], h: torch.Tensor,
                      capture: Capture | None = None) -> torch.Tensor:
     """``o_proj(attention(h))`` for an already-normed ``h`` ``[B, T, hidden]``: no norm, no residual."""
-    f = module.fields
+    a = module.attention
     b, t, _ = h.shape
-    heads, kv_heads, head_dim = f["num_heads"], f["num_kv_heads"], f["head_dim"]
+    heads, kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim
     capture_inputs(module, ("q_proj", "k_proj", "v_proj"), h, capture)
     q = apply_linear(weights, "q_proj", h).view(b, t, heads, head_dim)
     k = apply_linear(weights, "k_proj", h).view(b, t, kv_heads, head_dim)
     v = apply_linear(weights, "v_proj", h).view(b, t, kv_heads, head_dim)
     if "q_norm" in weights:
-        q = norm_role(q, weights, "q_norm", f)
-        k = norm_role(k, weights, "k_norm", f)
-    q, k, v = (a.transpose(1, 2) for a in (q, k, v))
-    rope = f.get("rope")
-    if rope is not None and rope.kind != "none":
-        style = f.get("rope_style", "neox")
-        cos, sin = rope_tables(rope, head_dim, t, style, f.get("max_position"), q.device)
-        q, k = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
-    scale = f.get("scale") or head_dim ** -0.5
-    out = attend(q, k, v, scale=scale, window=f.get("sliding_window"), softcap=f.get("softcap"))
+        q = norm_role(q, weights, "q_norm", module.norm)
+        k = norm_role(k, weights, "k_norm", module.norm)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    if a.rope is not None and a.rope.kind != "none":
+        cos, sin = rope_tables(a.rope, head_dim, t, a.rope_style, a.max_position, q.device)
+        q, k = apply_rope(q, cos, sin, a.rope_style), apply_rope(k, cos, sin, a.rope_style)
+    scale = a.scale or head_dim ** -0.5
+    out = attend(q, k, v, scale=scale, window=a.sliding_window, softcap=a.softcap)
     out = out.transpose(1, 2).reshape(b, t, heads * head_dim)
     capture_inputs(module, ("o_proj",), out, capture)
     return apply_linear(weights, "o_proj", out)
 
 
-def attention_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+def attention_forward(module: AttentionModule, weights: dict[str, torch.Tensor], x: torch.Tensor,
                       capture: Capture | None = None) -> torch.Tensor:
     """``x + o_proj(attention(norm(x)))`` for ``x`` of shape ``[B, T, hidden]``."""
-    h = norm_role(x, weights, "input_norm", module.fields, out_dtype=weights["q_proj"].dtype)
+    h = norm_role(x, weights, "input_norm", module.norm, out_dtype=weights["q_proj"].dtype)
     out = attention_branch(module, weights, h, capture)
     if "post_norm" in weights:
-        out = norm_role(out, weights, "post_norm", module.fields, out_dtype=x.dtype)
+        out = norm_role(out, weights, "post_norm", module.norm, out_dtype=x.dtype)
     return x + out.to(x.dtype)

@@ -1,14 +1,16 @@
-"""The reference forward of every module kind, looked up by ``Module.kind``.
+"""The one registry of module kinds: each ``Module`` subclass bound to its forward (and, optionally, what
+it reports about its calibration). The core's kinds are registered here; a plugin registers its own
+with :func:`register_kind` when it is imported.
 
 Each forward is ``f(module, weights, x, capture=None) -> y``: ``weights`` is the module's weight dict
 (see ``SourceModel.module_weights``) in the dtype the caller chose, and ``capture(input_name, x)`` is
 called once with the input of each group of linears sharing ``Linear.input`` (Hessian collection).
-Kinds the core does not know are asked of the plugins (``exl2_module_forward``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -16,16 +18,18 @@ from exl2core.errors import Exl2Error
 from exl2core.modules.attention import attention_forward
 from exl2core.modules.linear import Capture, apply_linear, capture_inputs
 from exl2core.modules.mlp import mlp_forward
-from exl2core.modules.moe import moe_forward
+from exl2core.modules.moe import moe_forward, moe_notes
 from exl2core.modules.norm import norm_role
 from exl2core.modules.parallel import parallel_forward
-from exl2core.plan import Module
-from exl2core.plugins import plugin_manager
+from exl2core.plan import (AttentionModule, EmbeddingModule, HeadModule, MlpModule, Module, MoeModule, NormModule,
+                           ParallelModule)
 
 ModuleForward = Callable[..., torch.Tensor]
+#: ``notes(module, hessians) -> lines`` about how a module was calibrated, given ``{input name: Hessian}``.
+CalibrationNotes = Callable[[Module, Mapping[str, object]], list[str]]
 
 
-def embedding_forward(module: Module, weights: dict[str, torch.Tensor], ids: torch.Tensor,
+def embedding_forward(module: EmbeddingModule, weights: dict[str, torch.Tensor], ids: torch.Tensor,
                       capture: Capture | None = None) -> torch.Tensor:
     """Token ids ``[B, T]`` → hidden ``[B, T, H]``; out-of-range ids (negative, or past the table,
     as in noise rows and padded vocabularies) read row 0."""
@@ -33,55 +37,73 @@ def embedding_forward(module: Module, weights: dict[str, torch.Tensor], ids: tor
     ids = ids.to(table.device, torch.long)
     ids = ids.masked_fill((ids < 0) | (ids >= table.shape[0]), 0)
     h = torch.nn.functional.embedding(ids, table)
-    scale = module.fields.get("scale", 1.0)
-    if scale != 1.0:
-        h = h * torch.tensor(scale, dtype=h.dtype, device=h.device)
+    if module.scale != 1.0:
+        h = h * torch.tensor(module.scale, dtype=h.dtype, device=h.device)
     return h
 
 
-def norm_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+def norm_forward(module: NormModule, weights: dict[str, torch.Tensor], x: torch.Tensor,
                  capture: Capture | None = None) -> torch.Tensor:
     """The final norm; the output keeps the weights' dtype (the head's input)."""
-    return norm_role(x, weights, "weight", module.fields, out_dtype=weights["weight"].dtype)
+    return norm_role(x, weights, "weight", module.norm, out_dtype=weights["weight"].dtype)
 
 
-def head_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+def head_forward(module: HeadModule, weights: dict[str, torch.Tensor], x: torch.Tensor,
                  capture: Capture | None = None) -> torch.Tensor:
     """Float32 logits ``[B, T, vocab]``: scaled, soft-capped, and cut to the unpadded vocabulary."""
-    f = module.fields
     capture_inputs(module, ("lm_head",), x, capture)
     logits = apply_linear(weights, "lm_head", x).float()
-    vocab = f.get("vocab_size")
-    if vocab:
-        logits = logits[..., :vocab]
-    scale = f.get("logit_scale", 1.0)
-    if scale != 1.0:
-        logits = logits * scale
-    softcap = f.get("softcap")
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    if module.vocab_size:
+        logits = logits[..., :module.vocab_size]
+    if module.logit_scale != 1.0:
+        logits = logits * module.logit_scale
+    if module.softcap:
+        logits = torch.tanh(logits / module.softcap) * module.softcap
     return logits
 
 
-#: Forwards of the core kinds; moe and parallel register here when they exist.
-FORWARDS: dict[str, ModuleForward] = {
-    "embedding": embedding_forward,
-    "attention": attention_forward,
-    "mlp": mlp_forward,
-    "moe": moe_forward,
-    "norm": norm_forward,
-    "head": head_forward,
-    "parallel": parallel_forward,
+@dataclass(frozen=True)
+class Kind:
+    """What the pipeline needs of a module kind beyond its plan data."""
+
+    forward: ModuleForward
+    notes: CalibrationNotes | None = None
+
+
+KINDS: dict[type[Module], Kind] = {
+    EmbeddingModule: Kind(embedding_forward),
+    AttentionModule: Kind(attention_forward),
+    MlpModule: Kind(mlp_forward),
+    MoeModule: Kind(moe_forward, moe_notes),
+    ParallelModule: Kind(parallel_forward),
+    NormModule: Kind(norm_forward),
+    HeadModule: Kind(head_forward),
 }
 
 
+def register_kind(kind: type[Module], forward: ModuleForward, notes: CalibrationNotes | None = None) -> None:
+    """Bind a plugin's module kind (a subclass of :class:`Module`) to its forward; a kind is bound once."""
+    bound = KINDS.get(kind)
+    if bound is not None and bound != Kind(forward, notes):
+        raise Exl2Error(f"module kind {kind.__qualname__} already has a forward "
+                        f"({bound.forward.__module__}.{bound.forward.__qualname__})")
+    KINDS[kind] = Kind(forward, notes)
+
+
+def _kind_of(module: Module) -> Kind:
+    for cls in type(module).__mro__:
+        if cls in KINDS:
+            return KINDS[cls]
+    raise Exl2Error(f"{module.key}: no forward for module kind {type(module).__qualname__} "
+                    "(its plugin must register_kind it)")
+
+
 def module_forward(module: Module) -> ModuleForward:
-    """The forward of ``module``'s kind: a core one, else the one a plugin provides."""
-    fn = FORWARDS.get(module.kind)
-    if fn is not None:
-        return fn
-    fn = plugin_manager().hook.exl2_module_forward(module=module)
-    if fn is None:
-        raise Exl2Error(f"{module.key}: no forward for module kind '{module.kind}' "
-                        "(neither the core nor an installed plugin provides one)")
-    return fn
+    """The forward of ``module``'s kind (the nearest registered class of its type)."""
+    return _kind_of(module).forward
+
+
+def calibration_notes(module: Module, hessians: Mapping[str, object]) -> list[str]:
+    """Lines worth showing about how ``module`` was calibrated (e.g. tokens routed to each expert)."""
+    notes = _kind_of(module).notes
+    return notes(module, hessians) if notes else []

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from exl2core.errors import Exl2Error
 from exl2core.modules.linear import Capture, apply_linear, capture_inputs
 from exl2core.modules.norm import norm_role
-from exl2core.plan import Module
+from exl2core.plan import MlpModule, Module
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -30,12 +30,12 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def feed_forward(weights: dict[str, torch.Tensor], h: torch.Tensor, act: Callable, module: Module,
-                 capture: Capture | None, prefix: str = "") -> torch.Tensor:
+                 capture: Capture | None) -> torch.Tensor:
     """``down(act(gate(h)) · up(h))`` (``down(act(up(h)))`` without a gate) for already-normed ``h``.
 
-    ``prefix`` selects the linears (``"experts.3."`` in an MoE block). The down projection's input is
-    clamped to the float16 range in float16, as exllamav2 does, so one outlier does not turn into inf."""
-    gate, up, down = prefix + "gate_proj", prefix + "up_proj", prefix + "down_proj"
+    The down projection's input is clamped to the float16 range in float16, as exllamav2 does, so one
+    outlier does not turn into inf."""
+    gate, up, down = "gate_proj", "up_proj", "down_proj"
     capture_inputs(module, (gate, up), h, capture)
     if gate in weights:
         inner = act(apply_linear(weights, gate, h)) * apply_linear(weights, up, h)
@@ -47,12 +47,11 @@ def feed_forward(weights: dict[str, torch.Tensor], h: torch.Tensor, act: Callabl
     return apply_linear(weights, down, inner)
 
 
-def mlp_forward(module: Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+def mlp_forward(module: MlpModule, weights: dict[str, torch.Tensor], x: torch.Tensor,
                 capture: Capture | None = None) -> torch.Tensor:
     """``x + mlp(norm(x))`` for ``x`` of shape ``[B, T, hidden]``."""
-    f = module.fields
-    h = norm_role(x, weights, "input_norm", f, out_dtype=weights["up_proj"].dtype)
-    out = feed_forward(weights, h, activation(f.get("activation", "silu")), module, capture)
+    h = norm_role(x, weights, "input_norm", module.norm, out_dtype=weights["up_proj"].dtype)
+    out = feed_forward(weights, h, activation(module.activation), module, capture)
     if "post_norm" in weights:
-        out = norm_role(out, weights, "post_norm", f, out_dtype=x.dtype)
+        out = norm_role(out, weights, "post_norm", module.norm, out_dtype=x.dtype)
     return x + out.to(x.dtype)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from exl2core.errors import Exl2Error
+from exl2core.plan import Norm
 
 NORM_KINDS = ("rms", "layer")
 
@@ -35,10 +36,8 @@ def normalize(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
     return h.to(out_dtype or x.dtype)
 
 
-def norm_role(x: torch.Tensor, weights: dict[str, torch.Tensor], role: str, fields: dict, *,
+def norm_role(x: torch.Tensor, weights: dict[str, torch.Tensor], role: str, norm: Norm, *,
               out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Apply the module's norm tensor ``role`` (plus ``role.bias``) configured by the module's fields
-    ``norm``, ``norm_eps`` and ``norm_offset``."""
-    return normalize(x, weights[role], weights.get(role + ".bias"), kind=fields.get("norm", "rms"),
-                     eps=fields.get("norm_eps", 1e-6), offset=fields.get("norm_offset", 0.0),
-                     out_dtype=out_dtype)
+    """Apply the module's norm tensor ``role`` (plus ``role.bias``) as ``norm`` says."""
+    return normalize(x, weights[role], weights.get(role + ".bias"), kind=norm.kind, eps=norm.eps,
+                     offset=norm.offset, out_dtype=out_dtype)

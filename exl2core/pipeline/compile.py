@@ -16,7 +16,6 @@ import torch
 from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.plan import ModelPlan
-from exl2core.plugins import plugin_manager
 from exl2core.pipeline.job import WriteError, atomic_write, disk_error, load_tensors, save_tensors, write_json
 from exl2core.pipeline.quantize import tensor_file
 
@@ -26,11 +25,10 @@ SHARD_UNLIMITED = 1024 ** 4
 
 def module_tensors(plan: ModelPlan, source: SourceModel, tensor_dir: Path):
     """Yield, module by module, the ``{output name: tensor}`` the compiled model holds."""
-    out_name = plugin_manager().hook.exl2_output_name
     for module in plan.modules:
         tensors = {}
         for key in module.tensors.values():
-            tensors[out_name(plan=plan, source_key=key)] = source.tensor(key, dtype=torch.float16)
+            tensors[plan.output_name(key)] = source.tensor(key, dtype=torch.float16)
         for lin in module.linears:
             path = tensor_file(tensor_dir, lin)
             if not path.is_file():
@@ -44,7 +42,7 @@ def module_tensors(plan: ModelPlan, source: SourceModel, tensor_dir: Path):
                 t = source.tensor(key)
                 if t.dtype not in LOADABLE:
                     t = t.to(torch.float32 if t.is_floating_point() else torch.int32)
-                carried[out_name(plan=plan, source_key=key)] = t
+                carried[plan.output_name(key)] = t
     yield carried
 
 

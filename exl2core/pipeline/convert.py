@@ -20,8 +20,8 @@ import torch
 from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
-from exl2core.plan import ModelPlan
-from exl2core.plugins import resolve_plan
+from exl2core.plan import AttentionModule, HeadModule, ModelPlan, ParallelModule
+from exl2core.plugins import Plugins, installed
 from exl2core.pipeline import compile as compile_stage
 from exl2core.pipeline.calibration import RowPurpose, calibration_rows, describe_dataset
 from exl2core.pipeline.hidden import HiddenStates
@@ -50,19 +50,27 @@ class Runtime:
     quiet: bool = False
 
 
-def apply_rope_overrides(plan: ModelPlan, settings: Settings) -> None:
-    """``-rs``/``-ra`` replace the RoPE scaling of config.json during calibration."""
+def with_rope_overrides(plan: ModelPlan, settings: Settings) -> ModelPlan:
+    """The plan with ``-rs``/``-ra`` replacing the RoPE scaling of config.json during calibration."""
     if settings.rope_scale is None and settings.rope_alpha is None:
-        return
-    for module in plan.modules:
-        rope = module.fields.get("rope")
-        if rope is None:
-            continue
+        return plan
+
+    def overridden(module):
+        if not isinstance(module, (AttentionModule, ParallelModule)) or module.attention.rope is None:
+            return module
+        rope = module.attention.rope
         if settings.rope_scale is not None:
             rope = replace(rope, kind="linear", factor=settings.rope_scale)
         if settings.rope_alpha is not None:
             rope = replace(rope, kind="ntk_alpha", alpha=settings.rope_alpha)
-        module.fields["rope"] = rope
+        return replace(module, attention=replace(module.attention, rope=rope))
+
+    return replace(plan, modules=tuple(overridden(m) for m in plan.modules))
+
+
+def job_plan(plugins: Plugins, source: SourceModel, settings: Settings) -> ModelPlan:
+    """The plan a job converts: the plugins' for the source, with the job's RoPE overrides."""
+    return with_rope_overrides(plugins.resolve_plan(source.config, settings.arch, source.keys()), settings)
 
 
 def validate_settings(s: Settings) -> None:
@@ -84,15 +92,15 @@ def validate_settings(s: Settings) -> None:
 
 
 class Converter:
-    def __init__(self, job: Job, runtime: Runtime):
+    def __init__(self, job: Job, runtime: Runtime, plugins: Plugins | None = None):
         self.job = job
         self.s = job.settings
         self.rt = runtime
         self.report = Reporter(runtime.status_json, runtime.quiet)
         self.device = torch.device(runtime.device)
-        self.source = SourceModel(self.s.in_dir)
-        self.plan = resolve_plan(self.source.config, self.s.arch)
-        apply_rope_overrides(self.plan, self.s)
+        self.plugins = plugins or installed()
+        self.source = SourceModel(self.s.in_dir, self.plugins)
+        self.plan = job_plan(self.plugins, self.source, self.s)
         digest = plan_digest(self.plan)
         if job.state.setdefault("plan_digest", digest) != digest:
             raise Exl2Error("the model plan differs from the one this job started with (another plugin "
@@ -244,7 +252,7 @@ class Converter:
             weights = self.source.module_weights(module, self.dtype, self.device)
             result = quantize_module(module_forward(module), module, weights, states, self.job.state["strategy"],
                                      self.s.head_bits, self.tensor_dir,
-                                     ppl_ids=ids[:ppl_rows] if module.kind == "head" else None,
+                                     ppl_ids=ids[:ppl_rows] if isinstance(module, HeadModule) else None,
                                      options=options, reference=reference)
             self.report.advance()
             if result.error is not None:
@@ -257,7 +265,7 @@ class Converter:
                 self.job.state["calibration_perplexity"] = result.perplexity
                 self.report.log(f"calibration perplexity (quant): {result.perplexity:.4f} "
                                 f"({perplexity_verdict(result.perplexity)})")
-            if module.kind != "head":
+            if not isinstance(module, HeadModule):
                 states = states.replaced(result.outputs)
                 if reference is not None:
                     reference = reference.replaced(result.reference_outputs)
@@ -384,9 +392,7 @@ def job_tokens(settings: Settings, source: SourceModel, plan: ModelPlan, rows: i
 def plan_digest(plan: ModelPlan) -> str:
     """A fingerprint of everything in the plan that shapes the result, to refuse resuming a job whose
     plan changed underneath it (plugin upgrades, plugin options read from the environment)."""
-    text = repr([(m.kind, m.key, m.mode, m.linears, sorted(m.tensors.items()), sorted(m.fields.items()),
-                  m.slots) for m in plan.modules] + [plan.lm_prefix, plan.carry, plan.fp32_residual,
-                                                     plan.noise_rows])
+    text = repr([plan.modules, plan.lm_prefix, plan.carry, plan.fp32_residual, plan.noise_rows])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -433,25 +439,27 @@ def load_measurement(path: str | Path, plan: ModelPlan) -> tuple[dict, dict | No
     return measurement, predicted
 
 
-def convert(settings: Settings, out_dir: str | Path, runtime: Runtime, *, restart: bool = False) -> dict:
-    """Run (or resume) the conversion job in ``out_dir``; returns the final job state."""
+def convert(settings: Settings, out_dir: str | Path, runtime: Runtime, *, restart: bool = False,
+            plugins: Plugins | None = None) -> dict:
+    """Run (or resume) the conversion job in ``out_dir`` with ``plugins`` (default: the installed ones);
+    returns the final job state."""
     validate_settings(settings)
     for name in ("in_dir", "cal_dataset", "compile_full", "output_measurement", "measurement"):
         value = getattr(settings, name)
         if value:
             setattr(settings, name, str(Path(value).resolve()))
-    source = SourceModel(settings.in_dir)  # a bad source fails here, before a job directory is created
+    plugins = plugins or installed()
+    source = SourceModel(settings.in_dir, plugins)  # a bad source fails here, before a job directory is created
     job = Job.prepare(out_dir, settings, restart=restart)
     if job.progress == "finished" and job.redo_from is None:
         return job.state
-    plan = resolve_plan(source.config, settings.arch)
-    apply_rope_overrides(plan, settings)
+    plan = job_plan(plugins, source, settings)
     measurement = load_measurement(settings.measurement, plan)[0] if settings.measurement else None
     preflight(settings, source, plan, job, runtime.device, measurement,  # nothing is written before this
               read_tokens=lambda p: job_tokens(settings, source, plan, p.rows, p.length, p.noise, p.purpose))
     job.start()
     remove_stale_files(job)
-    converter = Converter(job, runtime)
+    converter = Converter(job, runtime, plugins)
     if job.changes:
         converter.report.log(job.resume_note())
     return converter.run()

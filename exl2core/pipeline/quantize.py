@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from exl2core.errors import Exl2Error
-from exl2core.plan import Linear, Module
+from exl2core.plan import HeadModule, Linear, Module
 from exl2core.pipeline.collect import collect, first_input
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
@@ -60,7 +60,7 @@ class ModuleResult:
 
 
 def setting_for(module: Module, lin: Linear, strategy: dict, head_bits: int) -> QParams:
-    if module.kind == "head":
+    if isinstance(module, HeadModule):
         return HEAD_OPTIONS[head_bits]
     for slot in module.slots:
         if lin.role in slot.roles:
@@ -93,7 +93,7 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         outputs = forward_rows(fwd, module, weights, states)
         ref_outputs = None if reference is None else forward_rows(fwd, module, weights, reference)
         return ModuleResult(outputs, reference_outputs=ref_outputs)
-    if module.kind == "head":
+    if isinstance(module, HeadModule):
         hessians = head_hessians(module, states, reference)
         notes = calibration_report(module, hessians)
         _quantize_linears(module, module.linears, weights, prepare_hessians(module, hessians, states.device),
@@ -143,7 +143,7 @@ def _quantize_linears(module: Module, linears: list[Linear], weights: dict[str, 
     """Quantize, pack, save and verify ``linears``; each weight is replaced by its dequantized packing."""
     for lin in linears:
         qp = setting_for(module, lin, strategy, head_bits)
-        rtn = lin.key == "lm_head" and lin.in_features * lin.out_features > RTN_NUMEL
+        rtn = isinstance(module, HeadModule) and lin.in_features * lin.out_features > RTN_NUMEL
         q = quantize_linear(weights[lin.name], prepared[lin.name], qp, bias=weights.get(lin.name + ".bias"),
                             rtn=rtn, search=options.search, layout=options.layout)
         packed = {f"{lin.key}.{suffix}": t for suffix, t in q.pack().items()}

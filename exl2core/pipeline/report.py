@@ -18,7 +18,7 @@ from exl2core import __version__
 from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.plan import ModelPlan
-from exl2core.plugins import resolve_plan
+from exl2core.plugins import installed
 from exl2core.pipeline.job import JOB_FILE, Settings, atomic_write
 from exl2core.pipeline.preflight import slot_keys, slot_numel
 
@@ -104,7 +104,9 @@ def load_report(work_dir: str | Path) -> ConversionReport:
     except (OSError, ValueError) as e:
         raise Exl2Error(f"{job_file} is unreadable ({e})") from None
     settings = Settings.from_saved(saved["settings"])
-    plan = resolve_plan(SourceModel(settings.in_dir).config, settings.arch)
+    plugins = installed()
+    source = SourceModel(settings.in_dir, plugins)
+    plan = plugins.resolve_plan(source.config, settings.arch, source.keys())
     return build_report(settings, saved["state"], plan)
 
 

@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 
 from exl2core.errors import Exl2Error
+from exl2core.modules.forward import calibration_notes
 from exl2core.plan import Module
-from exl2core.plugins import plugin_manager
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.quant.gptq import Hessian, PreparedHessian
 
@@ -90,9 +90,8 @@ def prepare_hessians(module: Module, hessians: dict[str, Hessian],
                      device: torch.device | str) -> dict[str, PreparedHessian]:
     """Prepared Hessian per linear name: each group's owner prepares, the others reuse it. A linear
     whose input saw no calibration data (an expert no token was routed to) gets the identity."""
-    groups = plugin_manager().hook.exl2_hessian_groups(module=module)
     prepared: dict[str, PreparedHessian] = {}
-    for group in groups:
+    for group in module.hessian_groups():
         owner = module.linear(group[0])
         h = hessians.get(owner.input) or Hessian(owner.in_features, device)
         p = h.prepare(f"{module.key}.{owner.name}")
@@ -102,9 +101,8 @@ def prepare_hessians(module: Module, hessians: dict[str, Hessian],
 
 
 def calibration_report(module: Module, hessians: dict[str, Hessian]) -> list[str]:
-    """What the plugins have to say about how ``module`` was calibrated (see the hook's doc)."""
-    reports = plugin_manager().hook.exl2_calibration_report(module=module, hessians=hessians)
-    return [line for lines in reports if lines for line in lines]
+    """What ``module``'s kind has to say about how it was calibrated (tokens routed per MoE expert)."""
+    return calibration_notes(module, hessians)
 
 
 def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 from exl2core import hookimpl
 from exl2core.model.config import ModelConfig
-from exl2core.modules.decoder import DecoderSpec, layer_types
-from exl2core.modules.parallel import parallel_decoder_plan
+from exl2core.builders.decoder import DecoderSpec, layer_rope, layer_types
+from exl2core.builders.parallel import parallel_decoder_plan
 from exl2core.plan import ModelPlan
 
 
@@ -50,13 +50,9 @@ def cohere_plan(config: ModelConfig, architecture: str) -> ModelPlan:
         return parallel_decoder_plan(config, architecture, spec)
     sliding = cohere2_sliding(config)
     window = config.get("sliding_window", "sliding_window_size")
-    spec = replace(spec, sliding_windows=[int(window) if s and window else None for s in sliding])
-    plan = parallel_decoder_plan(config, architecture, spec)
-    layers = [m for m in plan.modules if m.kind == "parallel"]
-    for module, is_sliding in zip(layers, sliding):
-        if not is_sliding:
-            module.fields["rope"] = None
-    return plan
+    spec = replace(spec, sliding_windows=[int(window) if s and window else None for s in sliding],
+                   layer_ropes=[layer_rope(config, i) if s else None for i, s in enumerate(sliding)])
+    return parallel_decoder_plan(config, architecture, spec)
 
 
 @hookimpl

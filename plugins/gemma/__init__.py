@@ -1,4 +1,4 @@
-"""Gemma-family architectures: Gemma, Gemma 2, Gemma 3 (text-only, and the language model of the VLM).
+"""Gemma-family architectures: Gemma, Gemma 2, Gemma 3 (text-only, and the VLM).
 
 What sets them apart from Llama (exl2-format §9.4–9.5): RMSNorm weights are stored as ``w − 1`` (offset 1),
 embeddings are scaled by √hidden, the gated MLP uses GELU(tanh) and the head is the embedding. Gemma 2
@@ -7,31 +7,36 @@ adds a post-norm after each sub-block, logit soft-capping, an attention scale of
 exllamav2 runs it with (Gemma's hidden states overflow float16). Gemma 3 adds q/k norms, a sliding
 pattern of five local layers per global one and a separate RoPE for the local layers.
 
-The Gemma 3 VLM (``Gemma3ForConditionalGeneration``) is served by the vision plugin, which builds its
-language model with :func:`gemma3_language_plan`.
+The Gemma 3 VLM (``Gemma3ForConditionalGeneration``): its language model is quantized, the SigLIP tower
+and the projector are carried (``vision_tower.vision_model.*``, ``multi_modal_projector.*`` with
+``mm_input_projection_weight`` renamed ``mm_input_projection.weight``), from checkpoints of either
+layout of ``exl2core.builders.multimodal``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable
-from typing import Callable
+from collections.abc import Callable, Collection
 
 from exl2core import hookimpl
+from exl2core.builders.decoder import DecoderSpec, dense_decoder_plan, layer_types
+from exl2core.builders.multimodal import carried_prefixes, is_nested, legacy_name, read_nested
 from exl2core.errors import Exl2Error
 from exl2core.model.config import ModelConfig, RopeSpec
-from exl2core.modules.decoder import DecoderSpec, dense_decoder_plan, layer_types
-from exl2core.plan import Module, ModelPlan
+from exl2core.plan import ModelPlan
 
 
 VLM_ARCHITECTURE = "Gemma3ForConditionalGeneration"
-#: Where the VLM's language model lives: the name exllamav2 reads (and transformers writes) …
-LEGACY_LM_SOURCE = "language_model.model."
-#: … and the layout of checkpoints written from the refactored transformers classes.
-NESTED_LM_SOURCE = "model.language_model."
 #: exllamav2's prefix of the VLM's language model (``language_model.model.layers.*``).
 VLM_LM_PREFIX = "language_model."
+#: exllamav2 prefixes of the VLM's carried parts, projector first as exllamav2 writes them.
+VLM_CARRIED = ("multi_modal_projector.", "vision_tower.")
+#: Names exllamav2 reads differently from the checkpoints (exl2-format §8.1, §9.4): the tower …
+VLM_TOWER = "vision_tower.vision_model."
+#: … and the projection weight.
+VLM_PROJECTION = ("multi_modal_projector.mm_input_projection_weight",
+                  "multi_modal_projector.mm_input_projection.weight")
 
 #: Gemma 3 text settings that checkpoints leave to transformers' defaults (exllamav2 assumes the same).
 GEMMA3_TEXT_DEFAULTS = {
@@ -145,71 +150,46 @@ def _gemma3_spec(config: ModelConfig, lm_prefix: str = "") -> DecoderSpec:
     return _gemma2_spec(config, lm_prefix, pattern, qk_norm=True, layer_ropes=_gemma3_ropes(config, types))
 
 
-def lm_source_prefix(keys: Iterable[str]) -> str:
-    """The VLM checkpoint's language-model layout, from its tensor names: :data:`NESTED_LM_SOURCE` when
-    its layers are there, else :data:`LEGACY_LM_SOURCE`."""
-    nested = NESTED_LM_SOURCE + "layers."
-    return NESTED_LM_SOURCE if any(k.startswith(nested) for k in keys) else LEGACY_LM_SOURCE
+def vlm_output_name(key: str) -> str:
+    """exllamav2's name of a Gemma 3 VLM checkpoint tensor of either layout."""
+    key = legacy_name(key, VLM_LM_PREFIX)
+    if key.startswith("vision_tower.") and not key.startswith(VLM_TOWER):
+        key = VLM_TOWER + key[len("vision_tower."):]
+    return VLM_PROJECTION[1] if key == VLM_PROJECTION[0] else key
 
 
-def _source_key(key: str) -> str:
-    """A legacy language-model name in the nested layout (``language_model.lm_head`` → ``lm_head``)."""
-    if key.startswith(LEGACY_LM_SOURCE):
-        return NESTED_LM_SOURCE + key[len(LEGACY_LM_SOURCE):]
-    if key.startswith(VLM_LM_PREFIX):
-        return key[len(VLM_LM_PREFIX):]
-    return key
-
-
-def _read_nested_layout(module: Module) -> Module:
-    linears = [dataclasses.replace(lin, source=_source_key(lin.source)) for lin in module.linears]
-    tensors = {role: _source_key(key) for role, key in module.tensors.items()}
-    return dataclasses.replace(module, linears=linears, tensors=tensors)
-
-
-def gemma3_language_plan(config: ModelConfig, architecture: str = VLM_ARCHITECTURE,
-                         source_prefix: str = LEGACY_LM_SOURCE) -> ModelPlan:
-    """The plan of the Gemma 3 VLM's language model, named as exllamav2 reads it
-    (``language_model.model.layers.*``, ``language_model.lm_head``).
-
-    ``source_prefix`` is where the checkpoint keeps it (see :func:`lm_source_prefix`); with the nested
-    layout the plan reads ``model.language_model.*`` and :func:`language_output_name` renames the
-    unquantized tensors. The vision tower and projector are the caller's to add (``carry``)."""
-    if source_prefix not in (LEGACY_LM_SOURCE, NESTED_LM_SOURCE):
-        raise Exl2Error(f"unknown Gemma 3 language-model layout {source_prefix!r} "
-                        f"(expected {LEGACY_LM_SOURCE!r} or {NESTED_LM_SOURCE!r})")
+def gemma3_vlm_plan(config: ModelConfig, architecture: str, tensor_names: Collection[str] = ()) -> ModelPlan:
+    """The Gemma 3 VLM: its language model named as exllamav2 reads it (``language_model.model.layers.*``,
+    ``language_model.lm_head``), read from the layout ``tensor_names`` show, the tower and projector
+    carried."""
     config = gemma3_config(config)
-    plan = dense_decoder_plan(config, architecture, _gemma3_spec(config, VLM_LM_PREFIX))
-    if source_prefix == NESTED_LM_SOURCE:
-        plan.modules = [_read_nested_layout(m) for m in plan.modules]
-    return plan
+    plan = dense_decoder_plan(config, architecture, _gemma3_spec(config, VLM_LM_PREFIX),
+                              carry=carried_prefixes(VLM_CARRIED), rename=vlm_output_name)
+    return read_nested(plan, VLM_LM_PREFIX) if is_nested(tensor_names) else plan
 
 
-def language_output_name(source_key: str) -> str | None:
-    """exllamav2's name of a nested-layout language-model tensor; None for any other key."""
-    if source_key.startswith(NESTED_LM_SOURCE):
-        return LEGACY_LM_SOURCE + source_key[len(NESTED_LM_SOURCE):]
-    return None
-
-
-def _gemma3_text_plan(config: ModelConfig, architecture: str) -> ModelPlan:
+def _gemma3_text_plan(config: ModelConfig, architecture: str, tensor_names: Collection[str] = ()) -> ModelPlan:
     warnings.warn(TEXT_ONLY_GEMMA3_WARNING, stacklevel=2)
     config = gemma3_config(config)
     return dense_decoder_plan(config, architecture, _gemma3_spec(config))
 
 
-def _plain(spec: Callable[[ModelConfig], DecoderSpec]) -> Callable[[ModelConfig, str], ModelPlan]:
-    return lambda config, architecture: dense_decoder_plan(config, architecture, spec(config))
+PlanBuilder = Callable[[ModelConfig, str, Collection[str]], ModelPlan]
+
+
+def _plain(spec: Callable[[ModelConfig], DecoderSpec]) -> PlanBuilder:
+    return lambda config, architecture, tensor_names: dense_decoder_plan(config, architecture, spec(config))
 
 
 #: architectures / model_type → the plan builder.
-ARCHITECTURES: dict[str, Callable[[ModelConfig, str], ModelPlan]] = {
+ARCHITECTURES: dict[str, PlanBuilder] = {
     "GemmaForCausalLM": _plain(_gemma_spec),
     "Gemma2ForCausalLM": _plain(_gemma2_spec),
     "Gemma3ForCausalLM": _gemma3_text_plan,
     "gemma": _plain(_gemma_spec),
     "gemma2": _plain(_gemma2_spec),
     "gemma3_text": _gemma3_text_plan,
+    VLM_ARCHITECTURE: gemma3_vlm_plan,
 }
 
 
@@ -219,16 +199,9 @@ def exl2_architectures() -> list[str]:
 
 
 @hookimpl
-def exl2_model_plan(config: ModelConfig, architecture: str) -> ModelPlan | None:
+def exl2_model_plan(config: ModelConfig, architecture: str, tensor_names: Collection[str]) -> ModelPlan | None:
     build = ARCHITECTURES.get(architecture)
-    return build(config, architecture) if build else None
-
-
-@hookimpl
-def exl2_output_name(plan: ModelPlan, source_key: str) -> str | None:
-    if plan.architecture != VLM_ARCHITECTURE:
-        return None
-    return language_output_name(source_key)
+    return build(config, architecture, tensor_names) if build else None
 
 
 @hookimpl

@@ -10,15 +10,13 @@ from typing import Callable
 
 from exl2core import hookimpl
 from exl2core.model.config import ModelConfig
-from exl2core.modules.decoder import DecoderSpec, dense_decoder_plan
+from exl2core.builders.decoder import DecoderSpec, config_biases, dense_decoder_plan
 from exl2core.plan import ModelPlan
 
 
 def _llama(config: ModelConfig) -> DecoderSpec:
     """Biases only where config.json asks for them (``attention_bias``, ``mlp_bias``)."""
-    attention_bias = bool(config.get("attention_bias", default=False))
-    return DecoderSpec(qkv_bias=attention_bias, o_bias=attention_bias,
-                       mlp_bias=bool(config.get("mlp_bias", default=False)))
+    return DecoderSpec(**config_biases(config))
 
 
 def _qwen2(config: ModelConfig) -> DecoderSpec:
