@@ -25,7 +25,7 @@ import torch
 
 from exl2core import kernels
 from exl2core.kernels import build
-from exl2core.quant import gptq, pack
+from exl2core.quant import gptq, pack, rounding
 from exl2core.quant.qparams import table_setting
 
 #: (label, in_features K, out_features N, table, role, table row) — one representative setting per shape.
@@ -103,7 +103,7 @@ def bench_shape(label: str, k: int, n: int, table: str, role: str, row: int, rep
     for count in (13, 97):
         multipliers = torch.linspace(0.7, 1.2, count, device="cuda")
         pair(f"grid_errors (128 rows, {count} multipliers)",
-             lambda: gptq.grid_errors(w, multipliers, column_scale, zero, maxq),
+             lambda: rounding.grid_errors(w, multipliers, column_scale, zero, maxq),
              lambda: kernels.grid_errors(w, multipliers, column_scale, zero, maxq))
     pair("pack_codes", lambda: pack.pack_codes(codes, bits, rows),
          lambda: kernels.pack_codes(codes, bits, rows))

@@ -17,7 +17,7 @@ from exl2core import kernels
 from exl2core.cli import main
 from exl2core.errors import Exl2Error
 from exl2core.kernels import build, selfcheck
-from exl2core.quant import gptq, pack
+from exl2core.quant import gptq, pack, rounding
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.qparams import table_setting
 
@@ -288,7 +288,7 @@ class FakeExtension:
             q.view(-1)[0] += 1
 
     def grid_errors(self, x, multipliers, column_scale, zero, maxq):
-        return self._result("grid_errors", gptq.grid_errors(x, multipliers, column_scale, zero, maxq))
+        return self._result("grid_errors", rounding.grid_errors(x, multipliers, column_scale, zero, maxq))
 
     def pack_codes(self, codes, bits, row_start, qrow_start, word_group):
         group_bits, group_rows = _layout_of(bits, row_start, codes.shape[0])
@@ -442,7 +442,7 @@ def test_cuda_grid_errors_match_reference(ext, bits):
         maxq, zero = (1 << bits) - 1, 1 << (bits - 1)
         column_scale = (x.abs().amax(0) + 1e-12) / (maxq / 2)
         multipliers = torch.linspace(0.7, 1.2, 97)
-        expected = gptq.grid_errors(x, multipliers, column_scale, zero, maxq)
+        expected = rounding.grid_errors(x, multipliers, column_scale, zero, maxq)
         got = kernels.grid_errors(x.cuda(), multipliers.cuda(), column_scale.cuda(), zero, maxq)
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=0)
 

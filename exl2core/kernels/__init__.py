@@ -13,18 +13,13 @@ Hessian accumulation needs no kernel of its own: ``Hessian.add`` is already a si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
 
 from exl2core.errors import Exl2Error
 from exl2core.kernels import selfcheck
-from exl2core.kernels.layout import GroupTables, group_tables
-
-#: Above this many rows of ``x`` the fused matmul stops paying off: ``exl2_matmul`` then rebuilds the
-#: fp16 weight once (dequantize kernel) and uses a dense GEMM, as exllamav2 does for long inputs.
-FUSED_MATMUL_MAX_ROWS = 64
+from exl2core.kernels.layout import FUSED_MATMUL_MAX_ROWS, GroupTables, PreparedMatrix, group_tables, prepare_matrix
 _KERNEL_BITS = frozenset((2, 3, 4, 5, 6, 8))
 
 
@@ -65,11 +60,11 @@ def quantize_group(
     fp16-exact fake-quantized value (float32) and ``err = (w − q) / diag`` (per row; undivided when
     ``diag`` is None). ``out`` writes into given tensors, ``err`` may be None there. ``divisor`` (the
     zero-safe scale, if precomputed) only spares the reference an op; the kernel derives it in registers.
-    Bit-exact with ``gptq.quantize_rows``.
+    Bit-exact with ``rounding.quantize_rows``.
     """
     kernel = kernel_for("quantize_rows", w)
     if kernel is None or w.dtype != torch.float32 or scale.dtype != torch.float32:
-        from exl2core.quant.gptq import quantize_rows
+        from exl2core.quant.rounding import quantize_rows
 
         return quantize_rows(w, scale, zero, maxq, diag, divisor=divisor, out=out)
     if out is None:
@@ -89,11 +84,11 @@ def grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.
     """``Σ |q(x) − x|^3.5`` over ``x [R, N]`` for each trial scale ``multipliers[c] · column_scale``.
 
     On CUDA one fused pass (block reduction, then a sum over blocks) instead of materialising
-    ``[c, R, N]`` temporaries; equal to ``gptq.grid_errors`` within float tolerance.
+    ``[c, R, N]`` temporaries; equal to ``rounding.grid_errors`` within float tolerance.
     """
     kernel = kernel_for("grid_errors", x)
     if kernel is None or x.dtype != torch.float32:
-        from exl2core.quant.gptq import grid_errors as reference
+        from exl2core.quant.rounding import grid_errors as reference
 
         return reference(x, multipliers, column_scale, zero, maxq)
     return kernel(x.contiguous(), multipliers.to(torch.float32).contiguous(),
@@ -125,36 +120,6 @@ def unpack_codes(q_weight: torch.Tensor,
     codes = kernel(q_weight.contiguous(), tables.bits, tables.row_start, tables.qrow_start,
                    tables.row_group)
     return codes, group_bits, group_rows
-
-
-@dataclass
-class PreparedMatrix:
-    """One EXL2 layer's device-side tables, built once for repeated ``exl2_matmul``/``dequantize`` calls."""
-
-    tensors: dict[str, torch.Tensor]
-    tables: GroupTables
-    invperm: torch.Tensor  # int32 [K]
-    perm: torch.Tensor  # int32 [K], argsort(invperm)
-    scale_max: torch.Tensor  # fp16 [G], q_scale_max · prescale / 256 (the loader's fp16 multiply)
-    prescale: float
-
-
-def prepare_matrix(tensors: dict[str, torch.Tensor], prescale: float = 1.0) -> PreparedMatrix:
-    """Validate an EXL2 tensor set (as the 0.3.2 loader would) and build its tables on its device."""
-    from exl2core.quant.pack import check_tensors, group_layout
-
-    check_tensors(tensors)
-    q_weight = tensors["q_weight"]
-    device = q_weight.device
-    group_bits, group_rows = group_layout(tensors["q_groups"], q_weight.shape[0])
-    tables = group_tables(group_bits, group_rows, device)
-    invperm = tensors["q_invperm"].to(device=device, dtype=torch.int64)
-    if invperm.numel() != tables.rows or not torch.equal(invperm.sort().values,
-                                                         torch.arange(tables.rows, device=device)):
-        raise Exl2Error(f"q_invperm is not a permutation of the {tables.rows} rows described by q_groups")
-    scale_max = tensors["q_scale_max"].to(device) * (prescale / 256)
-    return PreparedMatrix(tensors, tables, invperm.to(torch.int32), torch.argsort(invperm).to(torch.int32),
-                          scale_max.contiguous(), prescale)
 
 
 def dequantize(tensors: dict[str, torch.Tensor] | PreparedMatrix, prescale: float = 1.0) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The kernels address codes by (permuted row, column) or by (packed word row, column). These tables map
 each of those rows, and each 32-row chunk the matmul walks, to its group's width and start offsets,
-all as int32 tensors on the target device (built once per call from the host-side group layout).
+all as int32 tensors on the target device (built once per call from the host-side group layout);
+``prepare_matrix`` builds them, with the validated tensors, once per layer.
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from exl2core.errors import Exl2Error
+
+#: Above this many rows of ``x`` the fused matmul stops paying off: ``exl2_matmul`` then rebuilds the
+#: fp16 weight once (dequantize kernel) and uses a dense GEMM, as exllamav2 does for long inputs.
+FUSED_MATMUL_MAX_ROWS = 64
 
 _WORD = 32
 #: Rows per chunk of the matmul kernel: every group size is a multiple of 32, so a chunk never straddles
@@ -52,3 +59,33 @@ def group_tables(group_bits: list[int], group_rows: list[int], device: torch.dev
     }
     on_device = {name: t.to(device=device, dtype=torch.int32) for name, t in tables.items()}
     return GroupTables(**on_device, rows=int(rows.sum()), packed_rows=int(qrows.sum()))
+
+
+@dataclass
+class PreparedMatrix:
+    """One EXL2 layer's device-side tables, built once for repeated ``exl2_matmul``/``dequantize`` calls."""
+
+    tensors: dict[str, torch.Tensor]
+    tables: GroupTables
+    invperm: torch.Tensor  # int32 [K]
+    perm: torch.Tensor  # int32 [K], argsort(invperm)
+    scale_max: torch.Tensor  # fp16 [G], q_scale_max · prescale / 256 (the loader's fp16 multiply)
+    prescale: float
+
+
+def prepare_matrix(tensors: dict[str, torch.Tensor], prescale: float = 1.0) -> PreparedMatrix:
+    """Validate an EXL2 tensor set (as the 0.3.2 loader would) and build its tables on its device."""
+    from exl2core.quant.pack import check_tensors, group_layout
+
+    check_tensors(tensors)
+    q_weight = tensors["q_weight"]
+    device = q_weight.device
+    group_bits, group_rows = group_layout(tensors["q_groups"], q_weight.shape[0])
+    tables = group_tables(group_bits, group_rows, device)
+    invperm = tensors["q_invperm"].to(device=device, dtype=torch.int64)
+    if invperm.numel() != tables.rows or not torch.equal(invperm.sort().values,
+                                                         torch.arange(tables.rows, device=device)):
+        raise Exl2Error(f"q_invperm is not a permutation of the {tables.rows} rows described by q_groups")
+    scale_max = tensors["q_scale_max"].to(device) * (prescale / 256)
+    return PreparedMatrix(tensors, tables, invperm.to(torch.int32), torch.argsort(invperm).to(torch.int32),
+                          scale_max.contiguous(), prescale)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from exl2core.kernels import build
-from exl2core.kernels.layout import group_tables
+from exl2core.kernels.layout import FUSED_MATMUL_MAX_ROWS, group_tables, prepare_matrix
 
 KERNELS = build.KERNELS
 CASES = 3
@@ -119,7 +119,7 @@ def _close(name: str, got: torch.Tensor, expected: torch.Tensor, rtol: float, at
 
 
 def check_quantize_rows(fn: Callable, device: str, gen: torch.Generator) -> None:
-    from exl2core.quant.gptq import quantize_rows
+    from exl2core.quant.rounding import quantize_rows
 
     bits = _BITS[int(torch.randint(0, len(_BITS), (1,), generator=gen))]
     rows, cols = int(torch.randint(1, 9, (1,), generator=gen)), 32 * int(torch.randint(1, 4, (1,), generator=gen))
@@ -139,7 +139,7 @@ def check_quantize_rows(fn: Callable, device: str, gen: torch.Generator) -> None
 
 
 def check_grid_errors(fn: Callable, device: str, gen: torch.Generator) -> None:
-    from exl2core.quant.gptq import grid_errors
+    from exl2core.quant.rounding import grid_errors
 
     bits = _BITS[int(torch.randint(0, len(_BITS), (1,), generator=gen))]
     x = torch.randn(int(torch.randint(1, 40, (1,), generator=gen)), 96, generator=gen)
@@ -178,8 +178,6 @@ def check_unpack_codes(fn: Callable, device: str, gen: torch.Generator) -> None:
 
 
 def _prepared(tensors: dict[str, torch.Tensor], device: str, prescale: float):
-    from exl2core.kernels import prepare_matrix
-
     return prepare_matrix({k: v.to(device) for k, v in tensors.items()}, prescale)
 
 
@@ -196,7 +194,6 @@ def check_dequantize(fn: Callable, device: str, gen: torch.Generator) -> None:
 
 
 def check_exl2_matmul(fn: Callable, device: str, gen: torch.Generator) -> None:
-    from exl2core.kernels import FUSED_MATMUL_MAX_ROWS
     from exl2core.quant import pack
 
     tensors = _random_layer(gen)

@@ -19,14 +19,12 @@ from exl2core.errors import Exl2Error
 from exl2core.quant.layout import choose_layout
 from exl2core.quant.pack import group_scales, make_q_groups, pack_scales
 from exl2core.quant.qparams import LAYOUTS, SCALE_SEARCHES, QParams, pad32
+from exl2core.quant.rounding import SEARCH_CHUNK_ELEMS, quantize_rows, zero_safe
 
 PERCDAMP = 0.12
 DAMP_ATTEMPTS = 10
 SCALE_STEPS = 16  # 2 ** scale_bits
 MIN_P, MAX_P, P_GRID = 0.70, 1.20, 96
-#: Elements per temporary of the vectorized scale search: cache-sized on CPU, large on GPUs where
-#: kernel launches cost more than memory traffic.
-SEARCH_CHUNK_ELEMS = {"cpu": 1 << 19, "cuda": 1 << 25}
 COARSE_STEP = 8  # the first pass of the scale search looks at every 8th grid point
 
 _GRID = [MIN_P * (1 - i / P_GRID) + MAX_P * (i / P_GRID) for i in range(P_GRID + 1)]
@@ -182,7 +180,7 @@ def search_scales_hessian(x: torch.Tensor, bits: int, row_weights: torch.Tensor 
     multiplier = found.qscale_max * torch.tensor(1 / 256, dtype=torch.float16, device=x.device)
     scales = group_scales(candidates, multiplier.expand(len(candidates))).to(torch.float32)  # [C, N]
     trial = scales.unsqueeze(1)
-    err = torch.div(x, _divisor(trial)).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x)
+    err = torch.div(x, zero_safe(trial)).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x)
     pick = torch.einsum("crn,r->cn", err.square_(), weights).argmin(0, keepdim=True)
     return _group_result(candidates.gather(0, pick)[0], found.qscale_max, scales.gather(0, pick)[0])
 
@@ -219,7 +217,7 @@ def _at_grid_point(qscale: torch.Tensor, base_max: torch.Tensor, best: int) -> G
 
 
 def _group_result(qscale: torch.Tensor, qscale_max: torch.Tensor, scale: torch.Tensor) -> GroupScales:
-    return GroupScales(qscale.to(torch.int16), qscale_max, scale, _divisor(scale))
+    return GroupScales(qscale.to(torch.int16), qscale_max, scale, zero_safe(scale))
 
 
 def _weighted_sq_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.Tensor, zero: int,
@@ -232,27 +230,6 @@ def _weighted_sq_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale
         err = torch.div(x, trial).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x)
         errors[i:i + step] = err.square_().sum(2) @ weights
     return errors
-
-
-def grid_errors(x: torch.Tensor, multipliers: torch.Tensor, column_scale: torch.Tensor, zero: int,
-                maxq: int) -> torch.Tensor:
-    """Σ|q(x) − x|^3.5 for each candidate multiplier, in chunks that bound the memory used.
-
-    The reference of ``kernels.grid_errors`` (which search_scales calls: fused kernel on CUDA)."""
-    errors = torch.empty(len(multipliers), dtype=torch.float32, device=x.device)
-    step = max(1, SEARCH_CHUNK_ELEMS.get(x.device.type, 1 << 22) // x.numel())
-    for i in range(0, len(multipliers), step):
-        trial = (multipliers[i:i + step, None] * column_scale).unsqueeze(1)  # [c, 1, N]
-        err = torch.div(x, trial).round_().clamp_(-zero, maxq - zero).mul_(trial).sub_(x).abs_()
-        errors[i:i + step] = _sum_pow_3_5(err)
-    return errors
-
-
-def _sum_pow_3_5(err: torch.Tensor) -> torch.Tensor:
-    """``Σ err^3.5`` over all but the first dim, as ``err² · err^1.5``: sqrt is far cheaper than pow."""
-    flat = err.view(err.shape[0], -1)
-    root = flat.sqrt().mul_(flat)
-    return torch.linalg.vecdot(flat.square_(), root)
 
 
 @dataclass
@@ -371,44 +348,6 @@ def quantize_linear(
         bias=padded_bias,
         out_features=out_features,
     )
-
-
-def quantize_rows(
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    zero: int,
-    maxq: int,
-    diag: torch.Tensor | None = None,
-    *,
-    divisor: torch.Tensor | None = None,
-    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round rows ``w [..., N]`` to codes at fp16 column scales: ``(codes, q, err)`` (exl2-format §4.4).
-
-    ``codes = clamp(rint(w / scale) + zero, 0, maxq)`` (a zero scale divides by 1, so an all-zero
-    column rounds to code ``zero``), ``q`` the fake-quantized value and ``err = (w − q) / diag`` per row
-    (undivided without ``diag``). ``(q − z)·scale`` is exact in float32 (small integer times an fp16
-    number), so one rounding to fp16 reproduces the fp16 multiply of the reconstruction kernel.
-    ``divisor`` is that zero-safe scale if the caller has it (it saves an op per row); ``out`` writes in
-    place (its ``err`` may be None). The reference of ``kernels.quantize_group``.
-    """
-    if out is None:
-        out = (torch.empty(w.shape, dtype=torch.int16, device=w.device),
-               torch.empty(w.shape, dtype=torch.float32, device=w.device),
-               torch.empty(w.shape, dtype=torch.float32, device=w.device))
-    codes, fake, err = out
-    q = torch.div(w, _divisor(scale) if divisor is None else divisor).round_().add_(zero).clamp_(0, maxq)
-    codes.copy_(q)
-    fake.copy_(q.sub_(zero).mul_(scale).to(torch.float16))
-    if err is not None:
-        torch.sub(w, fake, out=err)
-        if diag is not None:
-            err.div_(diag if diag.dim() == 0 else diag.unsqueeze(-1))
-    return out
-
-
-def _divisor(scale: torch.Tensor) -> torch.Tensor:
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _row_quantizer(w: torch.Tensor):
