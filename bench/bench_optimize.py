@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from exl2core.pipeline.optimize import anneal_exllamav2, measured_slots, options_of, solve_detailed
+from exl2core.pipeline.optimize import anneal_exllamav2, options_of, solve_detailed
+from exl2core.pipeline.records import by_slot
 from exl2core.quant.qparams import ATTN_TABLE, MLP_TABLE
 
 TARGETS = (2.5, 3.0, 4.0, 5.0, 6.0)
@@ -53,17 +54,6 @@ def synthetic_measurement(
                 records.append(record)
             measurement[f"model.layers.{layer}.{mode}"] = records
     return measurement, numel
-
-
-def slot_keys_in_file_order(measurement: dict[str, Any]) -> list[tuple[str, str | None]]:
-    """Measured blocks in the order measurement.json lists them (module order, exl2-format §5.5)."""
-    keys: list[tuple[str, str | None]] = []
-    for key, value in measurement.items():
-        if isinstance(value, dict):
-            keys += [(key, "attn"), (key, "mlp")]
-        elif value:
-            keys.append((key, None))
-    return keys
 
 
 def numel_from_model(model_dir: str) -> int:
@@ -103,7 +93,7 @@ def main() -> None:
     else:
         measurement, numel = synthetic_measurement(args.layers)
         source = f"synthetic, {args.layers} layers of Llama-2-70B shape"
-    slots = [options_of(r) for r in measured_slots(measurement, slot_keys_in_file_order(measurement))]
+    slots = [options_of(r) for r in by_slot(measurement).values()]  # file order: module order, exl2-format §5.5
     iterations = 1000 if args.full_anneal else args.anneal_iterations
     print(f"{source}: {len(slots)} slots, numel {numel}, annealer {args.anneal_runs} runs/stage × "
           f"{iterations} moves/step")

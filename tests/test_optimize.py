@@ -19,6 +19,7 @@ from exl2core.pipeline.optimize import (
     solve,
     solve_detailed,
 )
+from exl2core.pipeline.records import by_slot, entry_lists, slot_name, slot_records
 from exl2core.quant.qparams import ATTN_TABLE, MLP_TABLE
 
 
@@ -236,7 +237,7 @@ def test_plan_strategy_returns_verbatim_records_and_summary(parallel):
     choices, summary = plan_strategy(measurement, keys, numel, 4.125)
     expected = solve(slots, int(numel * 4.125))
     for i, (key, sub) in enumerate(keys):
-        records = measurement[key] if sub is None else measurement[key][sub]
+        records = slot_records(measurement[key], sub)
         assert choices[i] is records[expected[i]]
     chosen = [choices[i] for i in range(len(keys))]
     errs = [1.0 - r["accuracy"] for r in chosen]
@@ -269,3 +270,18 @@ def test_brute_force_helper_agrees_with_enumeration():
         if _cost(slots, c) <= budget
     )
     assert _brute_force(slots, budget, "sq") == pytest.approx(plain, rel=1e-12)
+
+
+def test_records_accessor_reads_both_entry_shapes():
+    """A module of one slot stores a bare list, one of several a dict keyed by table (exl2-format §5.5)."""
+    attn, mlp = [{"accuracy": 0.9, "total_bits": 1}], [{"accuracy": 0.8, "total_bits": 2}]
+    measurement = {"model.layers.0": {"attn": attn, "mlp": mlp}, "model.layers.1.mlp": mlp, "model.norm": None}
+    assert slot_records(measurement["model.layers.0"], "mlp") is mlp
+    assert slot_records(measurement["model.layers.1.mlp"], None) is mlp
+    assert slot_records(measurement["model.layers.0"], None) is None  # the other shape is refused
+    assert slot_records(measurement["model.layers.1.mlp"], "attn") is None
+    assert slot_records(None, None) is None
+    assert entry_lists(measurement["model.layers.0"]) == [attn, mlp] and entry_lists(None) == []
+    assert list(by_slot(measurement)) == [("model.layers.0", "attn"), ("model.layers.0", "mlp"),
+                                          ("model.layers.1.mlp", None)]
+    assert slot_name(("model.layers.0", "attn")) == "model.layers.0[attn]"

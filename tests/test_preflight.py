@@ -14,6 +14,7 @@ from exl2core.model.source import SourceModel
 from exl2core.pipeline import preflight
 from exl2core.pipeline.job import Job, Settings
 from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of
+from exl2core.pipeline.records import by_slot
 from exl2core.plugins import resolve_plan
 
 from failure_helpers import CAL, error_line, tmpfs
@@ -59,8 +60,8 @@ def test_target_outside_the_tables_fails_before_any_work(convert_model, tmp_path
 def test_target_checked_against_the_records_of_a_measurement_file(convert_model, measured, tmp_path, capsys):
     """With -m the file's records bound the range: records made dearer raise the low end."""
     data = json.loads(measured.read_text())
-    for key, records in data["measurement"].items():
-        for r in records or []:
+    for records in by_slot(data["measurement"]).values():
+        for r in records:
             r["total_bits"] = int(r["total_bits"] * 1.5) if r is not records[0] else r["total_bits"]
     dear = tmp_path / "dear.json"
     dear.write_text(json.dumps(data))

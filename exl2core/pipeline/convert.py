@@ -28,6 +28,7 @@ from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import Job, Settings, atomic_write, load_tensors, save_tensors, stage_index, write_json
 from exl2core.pipeline.model_card import REPORT_IMAGE, card_facts, write_model_card
 from exl2core.pipeline.preflight import BpwRange, preflight
+from exl2core.pipeline.records import entry_lists, slot_key, slot_records
 from exl2core.pipeline.report import REPORT_FILE, build_report, write_report
 from exl2core.pipeline.measure import MEASURE_MODES, candidates_of, estimate_module, measure_module
 from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of, plan_strategy
@@ -183,7 +184,7 @@ class Converter:
                                                  on_candidate=self.report.advance, search=self.s.scale_search)
             self.report.advance()
             if module.slots:
-                best = max(r["accuracy"] for recs in _record_lists(record) for r in recs)
+                best = max(r["accuracy"] for recs in entry_lists(record) for r in recs)
                 if best < 0.1:
                     raise Exl2Error(f"{module.measurement_key}: best measured accuracy {best:.4f} < 0.1; "
                                     "the forward or the calibration data is broken")
@@ -207,18 +208,15 @@ class Converter:
         if self.s.output_measurement:
             self._output_measurement()
             return
-        slots, keys = [], []
-        for module in self.plan.modules:
-            for slot in module.slots:
-                slots.append(slot)
-                keys.append((module.measurement_key, slot.table if len(module.slots) > 1 else None))
+        slots = [(module, slot) for module in self.plan.modules for slot in module.slots]
+        keys = [slot_key(module, slot) for module, slot in slots]
         numel = self.plan.blocks_numel()
         measurement = self.job.state["measurement"]
         BpwRange(*bpw_range([options_of(r) for r in measured_slots(measurement, keys)], numel)).check(self.s.bits)
         self.report.stage("Optimizing", 1)
         predicted = self.job.state.get("predicted_kl")
         choices, summary = plan_strategy(measurement, keys, numel, self.s.bits, predicted_kl=predicted)
-        strategy = {slot.key: choices[i] for i, slot in enumerate(slots)}
+        strategy = {slot.key: choices[i] for i, (_, slot) in enumerate(slots)}
         self.report.advance()
         if predicted:
             self.report.log(f"bit allocation: {summary['bpw']:.4f} bpw for target {self.s.bits} "
@@ -396,10 +394,6 @@ def plan_digest(plan: ModelPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _record_lists(record) -> list[list[dict]]:
-    return list(record.values()) if isinstance(record, dict) else [record]
-
-
 def load_measurement(path: str | Path, plan: ModelPlan) -> tuple[dict, dict | None]:
     """Read a measurement.json (ours or exllamav2's) and check it describes this model; returns the
     records and, for a fast measurement of ours, the predicted KL of each record (else None)."""
@@ -419,11 +413,12 @@ def load_measurement(path: str | Path, plan: ModelPlan) -> tuple[dict, dict | No
         if record is None:
             raise Exl2Error(f"{path} does not match this model: no entry for {module.measurement_key}")
         for slot in module.slots:
-            records = record[slot.table] if len(module.slots) > 1 else record
+            _, table = slot_key(module, slot)
+            records = slot_records(record, table)
             expected = len(TABLES[slot.table])
-            if not isinstance(records, list) or len(records) != expected:
+            if records is None or len(records) != expected:
                 raise Exl2Error(f"{path} does not match this model: {module.measurement_key} has "
-                                f"{len(records) if isinstance(records, list) else 0} candidates, not {expected}")
+                                f"{len(records or [])} candidates, not {expected}")
             want = sum(table_setting(slot.table, 0, lin.role).total_bits(lin.in_features,
                                                                          pad32(lin.out_features), lin.bias)
                        for lin in module.linears if lin.role in slot.roles)
@@ -431,9 +426,8 @@ def load_measurement(path: str | Path, plan: ModelPlan) -> tuple[dict, dict | No
                 raise Exl2Error(f"{path} does not match this model: {module.measurement_key} sizes differ "
                                 "(measured on a model with other layer shapes)")
             if predicted is not None:
-                kl = predicted.get(module.measurement_key)
-                kl = kl.get(slot.table) if len(module.slots) > 1 and isinstance(kl, dict) else kl
-                if not isinstance(kl, list) or len(kl) != expected:
+                kl = slot_records(predicted.get(module.measurement_key), table)
+                if kl is None or len(kl) != expected:
                     raise Exl2Error(f"{path}: its predicted_kl does not match its records for "
                                     f"{module.measurement_key}")
     return measurement, predicted

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from exl2core.errors import Exl2Error
+from exl2core.pipeline.records import SlotKey, slot_name, slot_records
 
 
 @dataclass(frozen=True)
@@ -452,25 +453,20 @@ def options_of(records: Sequence[dict[str, Any]]) -> list[Option]:
     return options
 
 
-def measured_slots(
-    measurement: dict[str, Any], slot_keys: Sequence[tuple[str, str | None]]
-) -> list[list[dict[str, Any]]]:
-    """The record list of each slot: ``measurement[key]``, or ``measurement[key][sub]`` (parallel decoder)."""
+def measured_slots(measurement: dict[str, Any], slot_keys: Sequence[SlotKey]) -> list[list[dict[str, Any]]]:
+    """The record list of each slot (``records.slot_records``), refusing a slot without records."""
     slots = []
-    for key, sub in slot_keys:
-        records = measurement.get(key)
-        if sub is not None and isinstance(records, dict):
-            records = records.get(sub)
-        if not isinstance(records, list) or not records:
-            where = key if sub is None else f"{key}[{sub!r}]"
-            raise Exl2Error(f"measurement has no option records for {where}; measure the model again")
+    for key in slot_keys:
+        records = slot_records(measurement.get(key[0]), key[1])
+        if not records:
+            raise Exl2Error(f"measurement has no option records for {slot_name(key)}; measure the model again")
         slots.append(records)
     return slots
 
 
 def plan_strategy(
     measurement: dict[str, Any],
-    slot_keys: Sequence[tuple[str, str | None]],
+    slot_keys: Sequence[SlotKey],
     numel: int,
     bits: float,
     *,

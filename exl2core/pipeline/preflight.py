@@ -26,6 +26,7 @@ from exl2core.model.source import SourceModel
 from exl2core.plan import ModelPlan, Module, Slot
 from exl2core.pipeline.job import STAGES, Job, Settings, io_reason, stage_index
 from exl2core.pipeline.optimize import Option, bpw_range, measured_slots, options_of
+from exl2core.pipeline.records import SlotKey, slot_key
 from exl2core.quant.qparams import HEAD_OPTIONS, TABLES, pad32, table_setting
 
 MEASURE_STAGES = ("measure_tokens", "measure_embeddings", "measure")
@@ -49,11 +50,9 @@ class BpwRange:
                             f"({self.low:.3f}–{self.high:.3f} bpw); choose -b in that range")
 
 
-def slot_keys(plan: ModelPlan) -> list[tuple[Module, Slot, tuple[str, str | None]]]:
-    """Each slot with its module and measurement key: the module's record, or its table's entry in a
-    multi-slot module."""
-    return [(m, slot, (m.measurement_key, slot.table if len(m.slots) > 1 else None))
-            for m in plan.modules for slot in m.slots]
+def slot_keys(plan: ModelPlan) -> list[tuple[Module, Slot, SlotKey]]:
+    """Each slot with its module and measurement key (``records.slot_key``), in plan order."""
+    return [(m, slot, slot_key(m, slot)) for m in plan.modules for slot in m.slots]
 
 
 def slot_numel(module: Module, slot: Slot) -> int:

@@ -21,6 +21,7 @@ from exl2core.plan import ModelPlan
 from exl2core.plugins import installed
 from exl2core.pipeline.job import JOB_FILE, Settings, atomic_write
 from exl2core.pipeline.preflight import slot_keys, slot_numel
+from exl2core.pipeline.records import slot_records
 
 REPORT_FILE = "report.png"
 METADATA_KEY = "exl2core.report"
@@ -68,12 +69,11 @@ def build_report(settings: Settings, state: dict, plan: ModelPlan) -> Conversion
                         "the report needs a job past its optimization stage")
     per_table: dict[str, int] = {}
     slots = []
-    for module, slot, (key, sub) in slot_keys(plan):
+    for module, slot, (key, table) in slot_keys(plan):
         numel = slot_numel(module, slot)
-        records = state["measurement"].get(key)
-        records = records.get(sub) if sub is not None and isinstance(records, dict) else records
+        records = slot_records(state["measurement"].get(key), table)
         chosen = strategy.get(slot.key)
-        if chosen is None or not isinstance(records, list):
+        if chosen is None or records is None:
             raise Exl2Error(f"the job's strategy or measurement has no entry for {slot.key}")
 
         def candidate(r: dict) -> Candidate:
