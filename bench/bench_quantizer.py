@@ -96,19 +96,15 @@ def blocks(args: argparse.Namespace) -> None:
     from exl2core.pipeline.calibration import calibration_rows
     from exl2core.pipeline.hidden import HiddenStates
     from exl2core.pipeline.quantize import QuantizerOptions, quantize_module
-    from exl2core.pipeline.runner import forward_rows
+    from exl2core.pipeline.runner import embed_rows, forward_rows
     from exl2core.plugins import resolve_plan
     from exl2core.quant.qparams import table_setting
 
     source = SourceModel(args.model)
     plan = resolve_plan(source.config)
-    embed = plan.modules[0]
-    embed_weights = source.module_weights(embed, torch.float32, "cpu")
 
     def embedded(ids: torch.Tensor) -> HiddenStates:
-        with torch.inference_mode():
-            return HiddenStates([module_forward(embed)(embed, embed_weights, r.unsqueeze(0)).squeeze(0)
-                                 for r in ids], "cpu")
+        return HiddenStates(embed_rows(source, plan, ids), "cpu")
 
     cal = embedded(calibration_rows(source.tokenizer, source.config.vocab_size, args.rows, args.length))
     held = embedded(token_windows(source.tokenizer, load_text(), args.length, max(1, args.rows // 2)))
@@ -119,7 +115,7 @@ def blocks(args: argparse.Namespace) -> None:
                "all": QuantizerOptions(fit="asymmetric", layout="hessian")}
     print(f"{args.model}: calibration {args.rows}×{args.length}, held-out {len(held)}×{args.length}; relative "
           "error of the hidden state after each block vs the unquantized model on the held-out rows")
-    print("| table row (attn, mlp) | variant | " + " | ".join(m.key.rsplit(".", 1)[-1] + "." + m.mode[:4]
+    print("| table row (attn, mlp) | variant | " + " | ".join(f"{m.layer}.{m.mode[:4]}"
                                                        for m in modules[1::2]) + " | seconds |")
     print("|---|---|" + "---|" * (len(modules) // 2 + 1))
     for attn_row, mlp_row in zip(TABLE_ROWS["attn"], TABLE_ROWS["mlp"]):

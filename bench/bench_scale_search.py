@@ -23,7 +23,7 @@ from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
 from exl2core.pipeline.calibration import calibration_rows
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.pipeline.runner import forward_rows, prepare_hessians
+from exl2core.pipeline.runner import embed_rows, forward_rows, prepare_hessians
 from exl2core.plugins import resolve_plan
 from exl2core.quant.gptq import quantize_linear
 from exl2core.quant.qparams import pad32, table_setting
@@ -52,13 +52,9 @@ def main() -> None:
 
     source = SourceModel(args.model)
     plan = resolve_plan(source.config)
-    embed = plan.modules[0]
-    embed_weights = source.module_weights(embed, torch.float32, "cpu")
 
     def embedded(ids: torch.Tensor) -> HiddenStates:
-        with torch.inference_mode():
-            return HiddenStates([module_forward(embed)(embed, embed_weights, r.unsqueeze(0)).squeeze(0)
-                                 for r in ids], "cpu")
+        return HiddenStates(embed_rows(source, plan, ids), "cpu")
 
     cal = embedded(calibration_rows(source.tokenizer, source.config.vocab_size, args.rows, args.length))
     held = embedded(token_windows(source.tokenizer, load_text(), args.length, max(1, args.rows // 2)))
@@ -68,7 +64,7 @@ def main() -> None:
     for module in plan.modules[1:]:
         if not module.slots:
             break
-        layer = int(module.key.rsplit(".", 1)[1])
+        layer = module.layer
         if layer > max(args.layers):
             break
         weights = source.module_weights(module, torch.float32, "cpu")

@@ -26,6 +26,7 @@ from exl2core.modules.forward import module_forward
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.measure import estimate_module, measure_module
 from exl2core.pipeline.quantize import quantize_module
+from exl2core.pipeline.runner import embed_rows
 from exl2core.pipeline.sensitivity import Sensitivity
 from exl2core.plugins import resolve_plan
 from exl2core.quant.qparams import table_setting
@@ -49,14 +50,10 @@ def main() -> None:
     plan = resolve_plan(source.config)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    embed = plan.modules[0]
-    weights = source.module_weights(embed, dtype, device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, source.config.vocab_size, (args.rows, args.length), generator=gen)
-    with torch.inference_mode():
-        rows = [module_forward(embed)(embed, weights, r.unsqueeze(0).to(device)).squeeze(0) for r in ids]
-    states = HiddenStates(rows, device)
-    blocks = [m for m in plan.modules if m.slots and m.key.endswith(f".{args.layer}")]
+    states = HiddenStates(embed_rows(source, plan, ids, dtype, device), device)
+    blocks = [m for m in plan.modules if m.slots and m.layer == args.layer]
     print(f"{args.model}: layer {args.layer}, {args.rows}×{args.length} rows, {args.which} pass, "
           f"{torch.get_num_threads()} threads, {device}")
     for module in blocks:

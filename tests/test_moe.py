@@ -21,7 +21,7 @@ from exl2core.modules.forward import module_forward
 from exl2core.modules.linear import apply_linear
 from exl2core.modules.moe import UnderRoutedExpertWarning, down_input, expert_token_counts
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.pipeline.runner import forward_rows
+from exl2core.pipeline.runner import embed_rows, forward_rows
 from exl2core.plan import HeadModule, MoeModule, NormModule
 from exl2core.plugins import resolve_plan
 from exl2core.quant.pack import dequantize
@@ -89,9 +89,7 @@ def test_low_precision_logits_close_to_transformers(moe_model, dtype):
 def run_moe_blocks(source, plan, ids: torch.Tensor) -> list[tuple[object, dict, list[torch.Tensor]]]:
     """Run the plan's modules the way the pipeline does (one row at a time through ``forward_rows``)
     and return, for every MoE block, ``(module, Hessians, outputs)``."""
-    embed = plan.modules[0]
-    weights = source.module_weights(embed, torch.float32, "cpu")
-    states = HiddenStates([module_forward(embed)(embed, weights, row[None])[0] for row in ids], "cpu")
+    states = HiddenStates(embed_rows(source, plan, ids), "cpu")
     blocks = []
     for module in plan.modules[1:]:
         if isinstance(module, (NormModule, HeadModule)):

@@ -29,6 +29,7 @@ from exl2core.pipeline.job import Job, Settings, atomic_write, load_tensors, sav
 from exl2core.pipeline.model_card import REPORT_IMAGE, card_facts, write_model_card
 from exl2core.pipeline.preflight import BpwRange, preflight
 from exl2core.pipeline.records import entry_lists, slot_key, slot_records
+from exl2core.pipeline.runner import embed_rows
 from exl2core.pipeline.report import REPORT_FILE, build_report, write_report
 from exl2core.pipeline.measure import MEASURE_MODES, candidates_of, estimate_module, measure_module
 from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of, plan_strategy
@@ -340,12 +341,7 @@ class Converter:
 
     def _embeddings(self) -> None:
         ids = load_tensors(self.job.path("cal_data.safetensors"))["input_ids"]
-        module = self.plan.modules[0]
-        weights = self.source.module_weights(module, self.dtype, self.device)
-        fwd = module_forward(module)
-        with torch.inference_mode():
-            rows = [fwd(module, weights, row.unsqueeze(0).to(self.device), None).squeeze(0).cpu()
-                    for row in ids]
+        rows = embed_rows(self.source, self.plan, ids, self.dtype, self.device)
         noise = [i for i in range(len(ids)) if ids[i, 0] < 0]
         if noise:
             real = torch.stack([rows[i] for i in range(len(rows)) if i not in noise]).float()

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from exl2core.errors import Exl2Error
-from exl2core.modules.forward import calibration_notes
-from exl2core.plan import Module
+from exl2core.modules.forward import calibration_notes, module_forward
+from exl2core.plan import ModelPlan, Module
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.quant.gptq import Hessian, PreparedHessian
+
+if TYPE_CHECKING:
+    from exl2core.model.source import SourceModel
+
+
+def embed_rows(source: SourceModel, plan: ModelPlan, ids: torch.Tensor, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The first hidden states of token rows ``ids`` ``[N, T]``: the plan's embedding (read from ``source``
+    in ``dtype`` and run on ``device``) of each row, ``N`` tensors ``[T, H]`` in host memory."""
+    module = plan.modules[0]
+    weights = source.module_weights(module, dtype, device)
+    fwd = module_forward(module)
+    with torch.inference_mode():
+        return [fwd(module, weights, row.unsqueeze(0).to(device), None).squeeze(0).cpu() for row in ids]
 
 
 def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates,
