@@ -1,4 +1,5 @@
-"""Helpers for the tests of failing jobs: tiny file systems, model copies, error lines, digests."""
+"""Helpers shared by the tests: tiny file systems, model copies, error lines, digests, interrupted stages,
+correlated activations."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 CAL = ["-mr", "2", "-ml", "64", "-r", "4", "-l", "64", "--device", "cpu", "--checkpoint-interval", "0"]
 
@@ -49,3 +51,24 @@ def digest(directory: Path) -> dict[str, str]:
 
 def job_state(work: Path) -> dict:
     return json.loads((work / "job.json").read_text())["state"]
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str, calls: int) -> None:
+    """Make ``module.name`` raise KeyboardInterrupt (Ctrl-C) on its call after ``calls`` real ones."""
+    real, done = getattr(module, name), []
+
+    def stop(*args, **kwargs):
+        if len(done) == calls:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, stop)
+
+
+def correlated_inputs(k: int, rows: int, seed: int) -> torch.Tensor:
+    """Activations with correlated features and very unequal feature energies, like real LLM inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=gen) / k ** 0.5 + torch.eye(k)
+    energy = torch.exp(torch.randn(k, generator=gen))
+    return (torch.randn(rows, k, generator=gen) @ mix) * energy

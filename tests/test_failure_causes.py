@@ -19,7 +19,7 @@ from exl2core.model.source import SourceModel
 from exl2core.pipeline import preflight
 from exl2core.plugins import resolve_plan
 
-from failure_helpers import CAL, error_line, job_state, tmpfs
+from failure_helpers import CAL, error_line, interrupt_after, job_state, tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -84,16 +84,7 @@ def test_overflowing_activations_are_attributed_to_the_block_that_produces_them(
 def test_a_damaged_hidden_state_checkpoint_is_not_blamed_on_the_next_block(convert_model, tmp_path, capsys,
                                                                            monkeypatch):
     work = tmp_path / "job"
-    real = convert_module.measure_module
-    calls = []
-
-    def stop_at_the_third_block(*args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "measure_module", stop_at_the_third_block)
+    interrupt_after(monkeypatch, convert_module, "measure_module", 2)  # at the third block
     assert convert(convert_model, work) == 130
     monkeypatch.undo()
     state = job_state(work)

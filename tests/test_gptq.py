@@ -17,15 +17,9 @@ from exl2core.quant.gptq import (
 from exl2core.quant.pack import dequantize, unpack_codes, unpack_scales
 from exl2core.quant.qparams import QParams, pad32, table_setting
 
+from failure_helpers import correlated_inputs
+
 K, N = 256, 96
-
-
-def correlated_inputs(k: int, rows: int, seed: int) -> torch.Tensor:
-    """Activations with correlated features and very unequal feature energies, like real LLM inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=gen) / k ** 0.5 + torch.eye(k)
-    energy = torch.exp(torch.randn(k, generator=gen))
-    return (torch.randn(rows, k, generator=gen) @ mix) * energy
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,9 @@ from exl2core.quant.layout import choose_layout, layout_cost
 from exl2core.quant.pack import dequantize, group_layout
 from exl2core.quant.qparams import QParams, pad32, table_setting
 
+from failure_helpers import correlated_inputs
+
 K, N = 256, 96
-
-
-def correlated_inputs(k: int, rows: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=gen) / k ** 0.5 + torch.eye(k)
-    energy = torch.exp(torch.randn(k, generator=gen))
-    return (torch.randn(rows, k, generator=gen) @ mix) * energy
 
 
 def streams(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from exl2core.cli import main
 from exl2core.errors import Exl2Error
 from exl2core.pipeline.job import Job, Settings
 
-from failure_helpers import CAL, digest, error_line, job_state
+from failure_helpers import CAL, digest, error_line, interrupt_after, job_state
 
 pytestmark = pytest.mark.slow
 
@@ -72,16 +72,7 @@ def test_new_bits_in_the_middle_of_quantization_discard_its_stale_work(convert_m
     job = json.loads((work / "job.json").read_text())
     job["state"].update(progress="optimize")
     (work / "job.json").write_text(json.dumps(job))
-    real = convert_module.quantize_module
-    calls = []
-
-    def stop_after_two(*args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "quantize_module", stop_after_two)
+    interrupt_after(monkeypatch, convert_module, "quantize_module", 2)
     assert convert(convert_model, work, tmp_path / "model", "-b", "4.0") == 130
     monkeypatch.undo()
     state = job_state(work)
