@@ -230,7 +230,7 @@ def test_unsupported_inputs_raise_exl2error(untied, tmp_path: Path) -> None:
 
 
 def test_default_model_dir_reuses_the_cache(tmp_path: Path) -> None:
-    target = tmp_path / f"{gguf_import.DEFAULT_MODEL_NAME}-fp16"
+    target = tmp_path / f"{gguf_import.SMOLLM2_135M.name}-fp16"
     target.mkdir()
     (target / "model.safetensors").write_bytes(b"cached")
     assert default_model_dir(tmp_path) == target

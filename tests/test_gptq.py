@@ -9,11 +9,11 @@ from exl2core.errors import Exl2Error
 from exl2core.quant.gptq import (
     Hessian,
     PreparedHessian,
-    output_error,
     quantize_linear,
     search_scales,
     search_scales_hessian,
 )
+from exl2core.pipeline.runner import relative_error
 from exl2core.quant.pack import dequantize, unpack_codes, unpack_scales
 from exl2core.quant.qparams import QParams, pad32, table_setting
 
@@ -43,7 +43,7 @@ def weight() -> torch.Tensor:
 
 def layer_error(w_q: torch.Tensor, weight: torch.Tensor, calib: torch.Tensor) -> float:
     x = calib.reshape(-1, K)
-    return output_error(x @ w_q[:weight.shape[0]].float().T, x @ weight.float().T)
+    return relative_error([x @ w_q[:weight.shape[0]].float().T], [x @ weight.float().T])
 
 
 # -- Hessian -------------------------------------------------------------------------------------------
@@ -317,9 +317,9 @@ def test_quantize_rejects_mismatched_hessian(weight):
         quantize_linear(weight, Hessian(K + 32).prepare("x"), QParams(32, [4], [1]))
 
 
-def test_output_error_is_relative_frobenius():
+def test_relative_error_is_relative_frobenius():
     ref = torch.tensor([[3.0, 4.0]])
-    assert output_error(torch.tensor([[3.0, 5.0]]).half(), ref) == pytest.approx(0.2)
+    assert relative_error([torch.tensor([[3.0, 5.0]]).half()], [ref]) == pytest.approx(0.2)
 
 
 @pytest.mark.cuda

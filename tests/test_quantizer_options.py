@@ -11,13 +11,19 @@ import pytest
 import torch
 
 from exl2core.quant.gptq import PERCDAMP, Hessian, quantize_linear
-from exl2core.quant.layout import choose_layout, layout_cost
+from exl2core.quant.layout import choose_layout
 from exl2core.quant.pack import dequantize, group_layout
 from exl2core.quant.qparams import QParams, pad32, table_setting
 
 from failure_helpers import correlated_inputs
 
 K, N = 256, 96
+
+
+def layout_cost(groups: list[tuple[int, int]], columns: int) -> int:
+    """Storage bits of the packed tensors of a layout (exl2-format §3.3, no bias) with ``columns`` output features."""
+    rows = sum(r for _, r in groups)
+    return columns * sum(b * r for b, r in groups) + len(groups) * (48 + 4 * columns) + 32 * rows
 
 
 def streams(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

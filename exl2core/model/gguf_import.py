@@ -395,7 +395,6 @@ GEMMA3_270M = PackagedModel(
                 for i in range(4)),
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
 )
-DEFAULT_MODEL_NAME = SMOLLM2_135M.name
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:

@@ -388,8 +388,3 @@ def _gptq_group(
         w[end:].addmm_(inv_upper[start:end, end:].T, errors, alpha=-1)
 
 
-def output_error(y_q: torch.Tensor, y_ref: torch.Tensor) -> float:
-    """Relative Frobenius error ``‖y_q − y_ref‖ / ‖y_ref‖`` in float32 (exl2-format §5.3's metric)."""
-    y_q = y_q.to(torch.float32)
-    y_ref = y_ref.to(device=y_q.device, dtype=torch.float32)
-    return (torch.linalg.norm(y_q - y_ref) / torch.linalg.norm(y_ref)).item()

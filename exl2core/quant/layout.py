@@ -41,12 +41,6 @@ def choose_layout(w: torch.Tensor, qparams: QParams, layout: str,
     return best
 
 
-def layout_cost(groups: list[tuple[int, int]], columns: int) -> int:
-    """Storage bits of the packed tensors of a layout (exl2-format §3.3, no bias) with ``columns`` output features."""
-    rows = sum(r for _, r in groups)
-    return columns * sum(b * r for b, r in groups) + len(groups) * (48 + 4 * columns) + 32 * rows
-
-
 def _same_size_layouts(table: list[tuple[int, int]], widths: tuple[int, ...]):
     """Layouts over the table's widths with its group count and its ``Σ r·b``: rows per width, then
     groups per width (each width's rows split as evenly as whole units allow, smaller groups first)."""
