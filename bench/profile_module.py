@@ -1,13 +1,13 @@
 """Where the CPU time of a conversion goes: profile one attention and one MLP block of a model.
 
     python bench/profile_module.py MODEL_DIR [--layer 0] [--rows 16] [--length 2048]
-        [--pass measure|measure-hessian|measure-fast|quant]
+        [--pass measure|measure-hessian|measure-fast|quant] [--fit local|sequential|asymmetric]
 
 Runs the measurement (every candidate of the tables; ``measure-hessian``/``measure-fast``: the
 ``--measure hessian|fast`` scoring, with unit sensitivities since their values do not change the time) or the
-quantization pass (one setting per linear) of
-one layer on random-but-realistic inputs (the model's own embeddings of random token ids) and prints the
-wall time per block and the top functions by own time. Multiply by the number of layers for a whole model.
+quantization pass (one setting per linear, fitted as ``--fit`` says) of one layer on random-but-realistic
+inputs (the model's own embeddings of random token ids) and prints the wall time per block and the top
+functions by own time. Multiply by the number of layers for a whole model.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.measure import estimate_module, measure_module
-from exl2core.pipeline.quantize import quantize_module
+from exl2core.pipeline.quantize import QuantizerOptions, quantize_module
 from exl2core.pipeline.runner import embed_rows
 from exl2core.pipeline.sensitivity import Sensitivity
 from exl2core.plugins import resolve_plan
-from exl2core.quant.qparams import table_setting
+from exl2core.quant.qparams import FITS, table_setting
 
 #: The table rows the quantization pass profile uses: 4-bit settings, typical of a 4.0 bpw target.
 QUANT_ROW = {"attn": 6, "mlp": 7}
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--pass", dest="which", choices=("measure", "measure-hessian", "measure-fast", "quant"), default="measure")
+    parser.add_argument("--fit", choices=FITS, default="local", help="the quantization pass's fit (--pass quant)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
@@ -68,8 +69,10 @@ def main() -> None:
         else:
             strategy = {s.key: {role: table_setting(s.table, QUANT_ROW[s.table], role).to_dict()
                                 for role in s.roles} for s in module.slots}
+            # The asymmetric fit's reference: the unquantized model's states, here the block's own inputs.
             call = lambda: quantize_module(module_forward(module), module, weights, states,  # noqa: E731
-                                           strategy, 6, _scratch())
+                                           strategy, 6, _scratch(), options=QuantizerOptions(fit=args.fit),
+                                           reference=states)
         profile = cProfile.Profile()
         start = time.perf_counter()
         profile.runcall(call)

@@ -43,10 +43,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--scale-search", choices=SCALE_SEARCHES, default="hessian",
                    help="group scales minimising GPTQ's Hessian-weighted error (default), or exactly "
                         "exllamav2's choice")
-    p.add_argument("--fit", choices=FITS, default="local",
-                   help="local (default): each linear on its block's inputs (exllamav2); asymmetric: each linear "
-                        "fitted to the unquantized model's output from its quantized input, o/down projections "
-                        "after the quantized q/k/v, gate/up (GPTAQ); sequential: that order, own outputs")
+    p.add_argument("--fit", choices=FITS, default="asymmetric",
+                   help="asymmetric (default): each linear fitted to the unquantized model's output from its "
+                        "quantized input, o/down projections after the quantized q/k/v, gate/up (GPTAQ); local: "
+                        "each linear on its block's inputs (exllamav2); sequential: the asymmetric order, own outputs")
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
                         "moved between the setting's widths and group sizes where GPTQ's error model gains, same "

@@ -65,7 +65,7 @@ class Settings:
     measure: str = field(default="exact", metadata=_stage("measure", legacy="exact"))
     # How the quantization pass fits each linear and lays out its groups (pipeline.quantize); jobs from
     # before these settings used exllamav2's local fit and the table layout.
-    fit: str = field(default="local", metadata=_stage("quant", legacy="local"))
+    fit: str = field(default="asymmetric", metadata=_stage("quant", legacy="local"))
     layout: str = field(default="table", metadata=_stage("quant", legacy="table"))
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); jobs from before the setting
     # calibrated with v1.
