@@ -4,7 +4,7 @@ by the KL predicted from each linear's output sensitivity; ``--modes`` may add `
 models and held-out text.
 
     python bench/bench_allocation.py [--models smollm2 gemma3-270m] [--bits 2.5 3.0 4.0 5.0]
-        [--modes exact fast] [-mr 4 -ml 512 -r 16 -l 512] [--eval-rows 8] [--work /tmp/bench_allocation]
+        [--modes exact fast fast-marginal] [--fit local] [-mr 4 -ml 512 -r 16 -l 512] [--eval-rows 8] [--work /tmp/bench_allocation]
         [--append-to FILE]
 
 Per model: one measurement per mode (``exl2 convert -om``, timed), then for each target one quantization
@@ -37,6 +37,16 @@ from models import MODELS  # noqa: E402
 from exl2core.eval.data import DEFAULT_DATA_NAME, load_text, token_windows  # noqa: E402
 from exl2core.eval.perplexity import evaluate  # noqa: E402
 from exl2core.model.exl2_weights import open_model  # noqa: E402
+
+#: Mode name → the ``exl2 convert`` arguments of its measurement. ``fast`` weights each slot's predicted KL
+#: by the Fisher sensitivity alone (the method before ``--sensitivity``), ``fast-marginal`` scales it by the
+#: slot's measured marginal KL.
+MODES = {
+    "exact": ["--measure", "exact"],
+    "hessian": ["--measure", "hessian", "--sensitivity", "fisher"],
+    "fast": ["--measure", "fast", "--sensitivity", "fisher"],
+    "fast-marginal": ["--measure", "fast", "--sensitivity", "marginal"],
+}
 
 
 
@@ -121,7 +131,7 @@ def run_model(name: str, model_dir: Path, a, work: Path, results: dict, windows_
     for mode in a.modes:
         if mode in res["measure"]:
             continue
-        seconds, cpu = convert(["-i", str(model_dir), "-o", str(base / f"meas-{mode}"), "--measure", mode,
+        seconds, cpu = convert(["-i", str(model_dir), "-o", str(base / f"meas-{mode}"), *MODES[mode],
                                 "-om", str(base / f"meas-{mode}.json"), *cal], base / f"meas-{mode}.log")
         res["measure"][mode] = {"seconds": seconds, "cpu_seconds": cpu}
         save(work, results)
@@ -140,7 +150,8 @@ def run_model(name: str, model_dir: Path, a, work: Path, results: dict, windows_
                 continue
             job, out = base / f"q-{tag}", base / f"q-{tag}-model"
             seconds, cpu = convert(["-i", str(model_dir), "-o", str(job), "-m", str(base / f"meas-{mode}.json"),
-                               "-b", str(bits), "-r", str(a.rows), "-l", str(a.length), "-cf", str(out)],
+                               "-b", str(bits), "-r", str(a.rows), "-l", str(a.length), "-cf", str(out),
+                               "--fit", a.fit],
                               base / f"q-{tag}.log")
             state = json.loads((job / "job.json").read_text())["state"]
             result = evaluate(open_model(out, "cpu"), windows, ref, data=DEFAULT_DATA_NAME)
@@ -222,7 +233,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 4.0, 5.0])
-    parser.add_argument("--modes", nargs="+", default=["exact", "fast"], choices=["exact", "hessian", "fast"])
+    parser.add_argument("--modes", nargs="+", default=["exact", "fast-marginal"], choices=list(MODES))
+    parser.add_argument("--fit", default="local", help="the quantization pass's fit, the same for every mode "
+                        "(local: the results recorded before the asymmetric fit became the default)")
     parser.add_argument("-mr", "--measurement-rows", type=int, default=4)
     parser.add_argument("-ml", "--measurement-length", type=int, default=512)
     parser.add_argument("-r", "--rows", type=int, default=16)

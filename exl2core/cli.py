@@ -56,6 +56,10 @@ def _add_convert(sub) -> None:
                         "error, no quantization or forward per candidate (4-9x faster); hessian: GPTQ per "
                         "candidate scored on its Hessian; fast and hessian allocate bits by the KL predicted "
                         "from the model's output sensitivity")
+    p.add_argument("--sensitivity", default="marginal", metavar="{marginal,fisher}",
+                   help="how fast and hessian measurement weight a slot's predicted KL: marginal (default): the "
+                        "Fisher prediction scaled by the slot's measured marginal KL in a quantized model; "
+                        "fisher: the Fisher prediction alone")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")
@@ -83,7 +87,8 @@ def _convert(args) -> int:
         compile_full=args.compile_full, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
         output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
         seed=args.seed, scale_search=args.scale_search, fit=args.fit,
-        layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure)
+        layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure,
+        sensitivity=args.sensitivity)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = Runtime(device=device, gpu_rows=args.gpu_rows, checkpoint_interval=args.checkpoint_interval,
                       status_json=args.status_json)

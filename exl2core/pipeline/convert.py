@@ -31,6 +31,7 @@ from exl2core.pipeline.preflight import BpwRange, preflight
 from exl2core.pipeline.records import entry_lists, slot_key, slot_records
 from exl2core.pipeline.runner import embed_rows
 from exl2core.pipeline.report import REPORT_FILE, build_report, write_report
+from exl2core.pipeline.marginal import SENSITIVITY_MODES, marginal_rows, measure_marginals
 from exl2core.pipeline.measure import MEASURE_MODES, candidates_of, estimate_module, measure_module
 from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of, plan_strategy
 from exl2core.pipeline.progress import Reporter
@@ -89,6 +90,8 @@ def validate_settings(s: Settings) -> None:
         raise Exl2Error(f"bit layout must be one of {', '.join(LAYOUTS)}, not {s.layout!r}")
     if s.measure not in MEASURE_MODES:
         raise Exl2Error(f"measurement mode must be one of {', '.join(MEASURE_MODES)}, not {s.measure!r}")
+    if s.sensitivity not in SENSITIVITY_MODES:
+        raise Exl2Error(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, not {s.sensitivity!r}")
     if s.output_measurement and s.compile_full:
         raise Exl2Error("-om (measure only) and -cf (compile) cannot be combined")
 
@@ -327,12 +330,24 @@ class Converter:
                                self.dtype.itemsize)
         self.report.stage("Sensitivity", sensitivity_steps(self.plan))
         started = time.monotonic()
-        sensitivity = measure_sensitivity(self.plan, lambda m: self.source.module_weights(m, self.dtype, self.device),
-                                          ids, self.device, self.s.seed, on_module=self.report.advance)
-        sensitivity.save(self.job.path(name))
-        self.job.update(sensitivity=name)
+        weights_of = lambda m: self.source.module_weights(m, self.dtype, self.device)  # noqa: E731
+        sensitivity = measure_sensitivity(self.plan, weights_of, ids, self.device, self.s.seed,
+                                          on_module=self.report.advance)
         self.report.log(f"output sensitivity from {ids.shape[0]} × {ids.shape[1]} tokens "
                         f"in {time.monotonic() - started:.1f} s")
+        if self.s.sensitivity == "marginal":
+            rows = marginal_rows(ids)
+            self.report.stage("Marginal KL", len(self.plan.modules))
+            started = time.monotonic()
+            scales = measure_marginals(self.plan, weights_of, rows, self.device, sensitivity,
+                                       on_module=self.report.advance).scales()
+            sensitivity = replace(sensitivity, scales=scales)
+            ordered = sorted(scales.values())
+            self.report.log(f"marginal KL of {len(scales)} slots from {rows.shape[0]} × {rows.shape[1]} tokens in "
+                            f"{time.monotonic() - started:.1f} s: measured ÷ predicted {ordered[0]:.2f} … "
+                            f"{ordered[len(ordered) // 2]:.2f} (median) … {ordered[-1]:.2f}")
+        sensitivity.save(self.job.path(name))
+        self.job.update(sensitivity=name)
         return sensitivity
 
     def _tokens(self, rows: int, length: int, noise: int, purpose: RowPurpose) -> None:

@@ -76,7 +76,7 @@ def estimate_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     tokens = sum(t.numel() // t.shape[-1] for t in targets)
     rounding: dict[str, _GroupRounding] = {}
 
-    def channel_errors(lin: Linear, qp: QParams) -> torch.Tensor:
+    def linear_errors(lin: Linear, qp: QParams) -> torch.Tensor:
         w, bias, hessian = weights[lin.name], weights.get(lin.name + ".bias"), hessians.get(lin.input)
         if hessian is None:  # no token reached this linear (an idle expert)
             return torch.zeros(lin.out_features, dtype=torch.float64, device=w.device)
@@ -85,12 +85,12 @@ def estimate_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
                 rounding[lin.name] = _GroupRounding(w, prepared[lin.name], search)
             return rounding[lin.name].expected_errors(qp) * hessian.num_batches
         fake = quantize_linear(w, prepared[lin.name], qp, bias=bias, search=search).weight[: lin.out_features]
-        return _channel_errors(fake.to(torch.float32) - w.to(torch.float32), hessian.matrix)
+        return channel_errors(fake.to(torch.float32) - w.to(torch.float32), hessian.matrix)
 
     records, kls = {}, {}
     for slot in module.slots:
         records[slot.table], kls[slot.table] = _estimate_slot(module, slot, weights, hessians, tokens, sensitivity,
-                                                              channel_errors, on_candidate)
+                                                              linear_errors, on_candidate)
     return _per_module(module, records), _per_module(module, kls), targets
 
 
@@ -106,7 +106,7 @@ def _candidates(module: Module, slot: Slot, evaluate: Callable[[Linear, QParams]
 
     Each distinct setting is evaluated once and kept only until the last row that uses it: holding every
     quantized setting of a wide MLP at once would take many times the layer's own size."""
-    linears = _slot_linears(module, slot)
+    linears = slot_linears(module, slot)
     rows = [{lin.name: table_setting(slot.table, row, lin.role) for lin in linears}
             for row in range(len(TABLES[slot.table]))]
     last_use = {(name, qp.desc): row for row, chosen in enumerate(rows) for name, qp in chosen.items()}
@@ -126,7 +126,7 @@ def _candidates(module: Module, slot: Slot, evaluate: Callable[[Linear, QParams]
             del done[key]
 
 
-def _slot_linears(module: Module, slot: Slot) -> list[Linear]:
+def slot_linears(module: Module, slot: Slot) -> list[Linear]:
     return [lin for lin in module.linears if lin.role in slot.roles]
 
 
@@ -148,26 +148,27 @@ def _measure_slot(fwd, module: Module, slot: Slot, weights, states, targets, qua
 
 
 def _estimate_slot(module: Module, slot: Slot, weights, hessians: dict[str, Hessian], tokens: int,
-                   sensitivity: Sensitivity, channel_errors, on_candidate) -> tuple[list[dict], list[float]]:
-    linears = _slot_linears(module, slot)
-    signal = math.fsum(_channel_errors(weights[lin.name], hessians[lin.input].matrix).sum().item()
+                   sensitivity: Sensitivity, linear_errors, on_candidate) -> tuple[list[dict], list[float]]:
+    linears = slot_linears(module, slot)
+    signal = math.fsum(channel_errors(weights[lin.name], hessians[lin.input].matrix).sum().item()
                        for lin in linears if lin.input in hessians)
     grads = {lin.name: sensitivity.of(module, lin.name) for lin in linears}
+    scale = sensitivity.scale(slot)
     records, kls = [], []
-    for settings, per_linear in _candidates(module, slot, channel_errors):
+    for settings, per_linear in _candidates(module, slot, linear_errors):
         noise = math.fsum(errors.sum().item() for errors, _ in per_linear.values())
         kl = math.fsum(0.5 * (grads[name].to(errors) * errors).sum().item() / max(tokens, 1)
                        for name, (errors, _) in per_linear.items())
         accuracy = max(1e-6, 1.0 - math.sqrt(noise / signal)) if signal > 0 else 1e-6
         records.append({"accuracy": accuracy, "total_bits": sum(bits for _, bits in per_linear.values()),
                         **settings})
-        kls.append(kl)
+        kls.append(scale * kl)
         if on_candidate:
             on_candidate()
     return records, kls
 
 
-def _channel_errors(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def channel_errors(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``diag(ΔW H ΔWᵀ)``: the squared output error of each channel summed over the tokens (the product
     in float32, the sums in float64)."""
     dw = dw.to(torch.float32)

@@ -29,7 +29,7 @@ import torch
 from exl2core.errors import Exl2Error
 from exl2core.modules.forward import module_forward
 from exl2core.modules.linear import observe_linear_outputs
-from exl2core.plan import ModelPlan, Module
+from exl2core.plan import ModelPlan, Module, Slot
 from exl2core.pipeline.job import load_tensors, save_tensors
 
 #: Calibration tokens the sensitivity pass reads at most.
@@ -40,13 +40,17 @@ SENSITIVITY_MEMORY = 4 << 30
 MIN_SENSITIVITY_TOKENS = 512
 #: Tokens per chunk of the final norm and head, whose logits are vocabulary-wide.
 HEAD_CHUNK = 256
+#: Prefix of the slot scales' names in the saved file (gradients are named ``module/linear``).
+SCALE_PREFIX = "scale:"
 
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """Mean squared output gradient per output channel of every measured linear (float64)."""
+    """Mean squared output gradient per output channel of every measured linear (float64), and, when the
+    marginal-KL pass ran (``pipeline.marginal``), each slot's measured-to-predicted KL scale."""
 
     grads: dict[str, torch.Tensor]
+    scales: dict[str, float] | None = None
 
     @staticmethod
     def key(module: Module, name: str) -> str:
@@ -55,12 +59,21 @@ class Sensitivity:
     def of(self, module: Module, name: str) -> torch.Tensor:
         return self.grads[self.key(module, name)]
 
+    def scale(self, slot: Slot) -> float:
+        """The factor the slot's predicted KL is multiplied by: 1 without the marginal-KL pass."""
+        return 1.0 if self.scales is None else self.scales[slot.key]
+
     def save(self, path: str | Path) -> None:
-        save_tensors(path, self.grads)
+        scales = {} if self.scales is None else {
+            SCALE_PREFIX + key: torch.tensor(value, dtype=torch.float64) for key, value in self.scales.items()}
+        save_tensors(path, {**self.grads, **scales})
 
     @classmethod
     def load(cls, path: str | Path) -> "Sensitivity":
-        return cls(load_tensors(path))
+        tensors = load_tensors(path)
+        scales = {k[len(SCALE_PREFIX):]: t.item() for k, t in tensors.items() if k.startswith(SCALE_PREFIX)}
+        grads = {k: t for k, t in tensors.items() if not k.startswith(SCALE_PREFIX)}
+        return cls(grads, scales or None)
 
 
 def sensitivity_rows(ids: torch.Tensor, plan: ModelPlan, element_size: int) -> torch.Tensor:
