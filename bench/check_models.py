@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +43,7 @@ def check_model(name: str, rows: int, length: int) -> ModelCheck:
     import transformers
 
     path = MODELS[name]()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the text-only Gemma 3 note about exllamav2
-        model = open_model(path, "cpu")
+    model = open_model(path, "cpu")
     windows = token_windows(model.source.tokenizer, load_text(None), length, rows)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                            attn_implementation="eager").eval()

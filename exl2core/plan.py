@@ -254,7 +254,9 @@ class ModelPlan:
     projectors). ``noise_rows`` is the number of Gaussian-noise calibration rows per pass
     (``(measurement, quantization)``), which some multimodal models want. ``rename`` gives the output
     (exllamav2) name of an unquantized source tensor, or None to keep it (quantized linears are named by
-    ``Linear.key``); the default keeps every checkpoint name.
+    ``Linear.key``); the default keeps every checkpoint name. ``output_config`` maps the source's config.json
+    (a dict) to the one the compiled model gets, for a layout the loader recognises under another
+    architecture (text-only Gemma 3); None copies it.
     """
 
     architecture: str
@@ -265,6 +267,7 @@ class ModelPlan:
     fp32_residual: bool = False
     noise_rows: tuple[int, int] = (0, 0)
     rename: Callable[[str], str | None] | None = field(default=None, repr=False, compare=False)
+    output_config: Callable[[dict], dict] | None = field(default=None, repr=False, compare=False)
 
     @property
     def head(self) -> HeadModule:

@@ -120,7 +120,8 @@ def test_plan_fields(gemma_model):
         mlp = [m for m in plan.modules if isinstance(m, MlpModule)]
         assert all(m.norm.offset == 1.0 and m.activation == "gelu_tanh" for m in mlp)
         assert plan.modules[0].scale == pytest.approx(TINY_DIMS["hidden_size"] ** 0.5)
-        assert plan.head.linears[0].source == "model.embed_tokens" and plan.head.linears[0].key == "lm_head"
+        prefix = "language_model." if name == "gemma3" else ""  # text-only Gemma 3 in the VLM layout
+        assert plan.head.linears[0].source == "model.embed_tokens" and plan.head.linears[0].key == prefix + "lm_head"
         assert plan.fp32_residual == (name != "gemma")
         windows = [m.attention.sliding_window for m in attn]
         assert windows == {"gemma": [None] * 4, "gemma2": [8, None, 8, None], "gemma3": [8, 8, None, 8]}[name]
@@ -131,9 +132,31 @@ def test_plan_fields(gemma_model):
     assert plans["gemma"].modules[1].attention.scale is None
 
 
-def test_text_only_gemma3_warns(gemma_model):
-    with pytest.warns(UserWarning, match="exllamav2 0.3.2 does not recognize text-only Gemma 3"):
-        resolve_plan(SourceModel(gemma_model("gemma3").path).config)
+def test_text_only_gemma3_is_written_as_the_vlm_language_model(gemma_model):
+    """exllamav2 0.3.2 loads Gemma3ForCausalLM as Llama: the plan names its output as the VLM's language
+    model (read from the text checkpoint's names) and rewrites config.json as a VLM without a tower."""
+    source = SourceModel(gemma_model("gemma3").path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = resolve_plan(source.config, tensor_names=source.keys())
+    assert plan.architecture == "Gemma3ForCausalLM" and plan.lm_prefix == "language_model."
+    q = plan.modules[1].linear("q_proj")
+    assert (q.key, q.source) == ("language_model.model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj")
+    assert plan.head.linears[0].key == "language_model.lm_head"
+    assert plan.head.linears[0].source == "model.embed_tokens"
+    for module in plan.modules:
+        for key in module.tensors.values():
+            assert source.has(key) and plan.output_name(key) == "language_model." + key
+    raw = json.loads((source.path / "config.json").read_text())
+    out = plan.output_config(raw)
+    assert out["architectures"] == ["Gemma3ForConditionalGeneration"] and out["model_type"] == "gemma3"
+    assert out["text_config"]["model_type"] == "gemma3_text" and "vision_config" not in out
+    assert out["text_config"]["hidden_size"] == raw["hidden_size"]
+    vlm = resolve_plan(ModelConfig.from_dict(out))  # how exl2core reads the output back
+    assert [[lin.key for lin in m.linears] for m in vlm.modules] == \
+        [[lin.key for lin in m.linears] for m in plan.modules]
+    assert [{plan.output_name(k) for k in m.tensors.values()} for m in plan.modules] == \
+        [set(m.tensors.values()) for m in vlm.modules]
 
 
 def test_released_gemma3_defaults(gemma_model):

@@ -142,8 +142,13 @@ def with_classic_vision_keys(section: dict) -> dict:
 
 
 def write_quantization_config(config_path: Path, bits: float, head_bits: int, rows: int, length: int,
-                              dataset: str) -> None:
-    config = with_classic_keys(json.loads(config_path.read_text()))
+                              dataset: str, output_config=None) -> None:
+    """The copied config.json, rewritten by the plan's ``output_config`` when it has one, with the classic
+    keys and the ``quantization_config`` block."""
+    config = json.loads(config_path.read_text())
+    if output_config is not None:
+        config = output_config(config)
+    config = with_classic_keys(config)
     if isinstance(config.get("text_config"), dict):
         with_classic_keys(config["text_config"])
     if isinstance(config.get("vision_config"), dict):

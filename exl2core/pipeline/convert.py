@@ -298,7 +298,7 @@ class Converter:
             compile_stage.copy_source_files(Path(self.s.in_dir), target)
             compile_stage.write_quantization_config(target / "config.json", self.s.bits, self.s.head_bits,
                                                     self.s.rows, self.s.length,
-                                                    describe_dataset(self.s.cal_dataset))
+                                                    describe_dataset(self.s.cal_dataset), self.plan.output_config)
         self._publish(target)
         self.job.advance("finished", output_dir=str(target), shards=[p.name for p in shards])
 

@@ -10,13 +10,13 @@ pattern of five local layers per global one and a separate RoPE for the local la
 The Gemma 3 VLM (``Gemma3ForConditionalGeneration``): its language model is quantized, the SigLIP tower
 and the projector are carried (``vision_tower.vision_model.*``, ``multi_modal_projector.*`` with
 ``mm_input_projection_weight`` renamed ``mm_input_projection.weight``), from checkpoints of either
-layout of ``exl2core.builders.multimodal``.
+layout of ``exl2core.builders.multimodal``. Text-only Gemma 3 (``Gemma3ForCausalLM``, e.g. Gemma-3-270M) is
+written as that VLM without a vision tower, the one Gemma 3 layout exllamav2 0.3.2 recognises.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Collection
 
 from exl2core import hookimpl
@@ -52,12 +52,6 @@ GEMMA3_TEXT_DEFAULTS = {
     "sliding_window_pattern": 6,
 }
 
-TEXT_ONLY_GEMMA3_WARNING = (
-    "Gemma3ForCausalLM: exllamav2 0.3.2 does not recognize text-only Gemma 3 and loads it as Llama, "
-    "which gives wrong outputs (no norm offset, embedding scale, q/k norms or sliding windows). The "
-    "converted model is correct, but needs a loader that knows Gemma 3 text models; exllamav2 0.3.2 "
-    "only loads Gemma 3 as Gemma3ForConditionalGeneration (the VLM checkpoints)."
-)
 
 
 def _sliding_types(config: ModelConfig, pattern: int) -> list[str]:
@@ -168,10 +162,34 @@ def gemma3_vlm_plan(config: ModelConfig, architecture: str, tensor_names: Collec
     return read_nested(plan, VLM_LM_PREFIX) if is_nested(tensor_names) else plan
 
 
+def _text_source(name: str) -> str:
+    """The text-only checkpoint's key of a tensor the VLM layout calls ``name``."""
+    return name[len(VLM_LM_PREFIX):] if name.startswith(VLM_LM_PREFIX) else name
+
+
+def as_vlm_config(raw: dict) -> dict:
+    """A text-only Gemma 3 config.json as exllamav2 0.3.2 recognises it: ``Gemma3ForConditionalGeneration``
+    with the language model's settings in ``text_config`` and no vision tower. The top level keeps every
+    source key as well, since exllamav2 reads some only there (``sliding_window_pattern``,
+    ``tie_word_embeddings``, the token ids)."""
+    text = {k: v for k, v in raw.items() if k != "architectures"}
+    text["model_type"] = "gemma3_text"
+    return {**raw, "architectures": [VLM_ARCHITECTURE], "model_type": "gemma3", "text_config": text}
+
+
 def _gemma3_text_plan(config: ModelConfig, architecture: str, tensor_names: Collection[str] = ()) -> ModelPlan:
-    warnings.warn(TEXT_ONLY_GEMMA3_WARNING, stacklevel=2)
+    """Text-only Gemma 3, written in the VLM layout: exllamav2 0.3.2 does not know ``Gemma3ForCausalLM``
+    (it would load it as Llama) but runs a ``Gemma3ForConditionalGeneration`` without a vision tower.
+    The plan is the VLM's language model (output names ``language_model.model.*``,
+    ``language_model.lm_head``) reading the text checkpoint's ``model.*``; the output config.json is
+    :func:`as_vlm_config` of the source's. exl2core reads the output back with the VLM plan."""
     config = gemma3_config(config)
-    return dense_decoder_plan(config, architecture, _gemma3_spec(config))
+    plan = dense_decoder_plan(config, architecture, _gemma3_spec(config, VLM_LM_PREFIX),
+                              rename=lambda key: VLM_LM_PREFIX + key, output_config=as_vlm_config)
+    modules = tuple(dataclasses.replace(
+        m, linears=tuple(dataclasses.replace(lin, source=_text_source(lin.source)) for lin in m.linears),
+        tensors={role: _text_source(key) for role, key in m.tensors.items()}) for m in plan.modules)
+    return dataclasses.replace(plan, modules=modules)
 
 
 PlanBuilder = Callable[[ModelConfig, str, Collection[str]], ModelPlan]
