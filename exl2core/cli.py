@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from exl2core import __version__
@@ -303,10 +306,31 @@ COMMANDS = {"convert": _convert, "report": _report, "inspect": _inspect, "plugin
             "eval": _eval, "generate": _generate, "doctor": _doctor}
 
 
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show warnings meant for the user (``UserWarning`` and its subclasses: the core's and the plugins')
+    as one line, ``warning: message``, instead of Python's ``file:line: UserWarning: message`` followed by
+    the source line; other categories (deprecations from libraries) keep Python's format."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning):
+            print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with one_line_warnings():
+            return COMMANDS[args.command](args)
     except Exl2Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
