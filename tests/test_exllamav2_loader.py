@@ -50,6 +50,7 @@ TEXT_MODELS = {
     "llama-6bpw-tied": ("llama", dict(tie_word_embeddings=True), ["-b", "6.0", "-hb", "8"]),
     "mistral": ("mistral", {}, []),
     "qwen2": ("qwen2", {}, []),
+    "qwen3": ("qwen3", dict(head_dim=32), []),
     "mixtral": ("mixtral", dict(num_local_experts=4, **MOE), []),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, moe_intermediate_size=64, norm_topk_prob=True, **MOE), []),
     "gemma": ("gemma", {}, []),

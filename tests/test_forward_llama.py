@@ -34,6 +34,10 @@ MODELS = {
     "mistral-window": ("mistral", {"sliding_window": 16}),
     "qwen2": ("qwen2", {}),
     "qwen2-tied-classic": ("qwen2", {"tie_word_embeddings": True, "style": "classic"}),
+    # Qwen3: heads × head_dim (4 × 32) ≠ hidden_size (64), so a head_dim taken from hidden / heads would show
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "qwen3-tied-bias-classic": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True, "attention_bias": True,
+                                          "style": "classic"}),
 }
 
 

@@ -1,5 +1,5 @@
 """The plugin author's experience: `exl2 plugins`, `exl2 inspect`, and a third-party plugin
-(docs/example-plugin, Qwen3) installed with pip, used for a conversion and removed again.
+(docs/example-plugin, Yi) installed with pip, used for a conversion and removed again.
 
 Plugin discovery reads the installed entry points once per process: the commands run in fresh ``exl2``
 subprocesses, and this process calls ``reload_plugins()`` after installing and after removing.
@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import TINY_DIMS, TinyModel, make_tiny_model, write_bpe_tokenizer
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from exl2core.cli import main
 from exl2core.errors import Exl2Error
@@ -30,13 +31,13 @@ from exl2core.model.streaming import forward_logits
 from exl2core.plugins import reload_plugins, resolve_plan
 
 EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "docs" / "example-plugin"
-EXAMPLE_DIST = "exl2-qwen3-example"
-EXAMPLE_MODULE = "exl2_qwen3_example"
-EXAMPLE_ARCHITECTURES = ["Qwen3ForCausalLM", "qwen3"]
+EXAMPLE_DIST = "exl2-yi-example"
+EXAMPLE_MODULE = "exl2_yi_example"
+EXAMPLE_ARCHITECTURES = ["YiForCausalLM", "Yi"]
 
 #: Architectures each built-in plugin must list (it may list more, e.g. model_type aliases).
 BUILT_IN = {
-    "llama": {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"},
+    "llama": {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"},
     "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM"},
     "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
@@ -44,10 +45,10 @@ BUILT_IN = {
                "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"},
 }
 
-#: A Qwen3 that converts in seconds (dimensions multiples of 32); heads × head_dim (128) is not
-#: hidden_size (64), so a plan that took head_dim from hidden_size / heads would show.
-QWEN3_DIMS = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                  intermediate_size=128, vocab_size=320, num_hidden_layers=1)
+#: A Yi (Llama with the norms named ln1 / ln2) that converts in seconds (dimensions multiples of 32).
+YI_DIMS = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+               intermediate_size=128, vocab_size=320, num_hidden_layers=1)
+YI_NAMES = {".input_layernorm.": ".ln1.", ".post_attention_layernorm.": ".ln2."}
 CALIBRATION = ["-mr", "2", "-ml", "64", "-r", "4", "-l", "64", "-b", "4.0", "--device", "cpu"]
 
 
@@ -161,9 +162,18 @@ def test_inspect_errors(tiny_llama, tmp_path, capsys, case, message):
 
 
 @pytest.fixture
-def qwen3_model(tmp_path) -> TinyModel:
-    model = make_tiny_model(tmp_path / "qwen3", "qwen3", **QWEN3_DIMS)
-    write_bpe_tokenizer(model.path, QWEN3_DIMS["vocab_size"])
+def yi_model(tmp_path) -> TinyModel:
+    """A tiny Llama written as a Yi checkpoint (norms renamed, ``architectures: YiForCausalLM``)."""
+    model = make_tiny_model(tmp_path / "yi", "llama", **YI_DIMS)
+    weights = model.path / "model.safetensors"
+    tensors = load_file(weights)
+    for llama, yi in YI_NAMES.items():
+        tensors = {k.replace(llama, yi): t for k, t in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((model.path / "config.json").read_text())
+    config.update(architectures=["YiForCausalLM"], model_type="Yi")
+    (model.path / "config.json").write_text(json.dumps(config))
+    write_bpe_tokenizer(model.path, YI_DIMS["vocab_size"])
     return model
 
 
@@ -186,7 +196,7 @@ def example_plugin_installed(tmp_path: Path) -> Iterator[None]:
 
 
 def _check_conversion(model: TinyModel, out: Path) -> None:
-    """The compiled EXL2 model: quantized projections, the q/k norms copied exactly, the quantization
+    """The compiled EXL2 model: quantized projections, the renamed norms copied exactly, the quantization
     config, and logits (read back through the plugin) close to the source model's."""
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4.0
     with safe_open(str(out / "output.safetensors"), "pt") as exl2_file, \
@@ -194,10 +204,10 @@ def _check_conversion(model: TinyModel, out: Path) -> None:
         keys = set(exl2_file.keys())
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert f"model.layers.0.self_attn.{name}.q_weight" in keys
-        for name in ("q_norm", "k_norm"):
-            key = f"model.layers.0.self_attn.{name}.weight"
+        for name in ("ln1", "ln2"):
+            key = f"model.layers.0.{name}.weight"
             written, original = exl2_file.get_tensor(key), source_file.get_tensor(key)
-            assert written.shape == (QWEN3_DIMS["head_dim"],)
+            assert written.shape == (YI_DIMS["hidden_size"],)
             assert torch.equal(written.float(), original.to(written.dtype).float())
     ids = model.random_ids(length=64)
     reference = torch.log_softmax(model.hf_logits(ids), -1)
@@ -205,28 +215,28 @@ def _check_conversion(model: TinyModel, out: Path) -> None:
     assert (reference.exp() * (reference - quantized)).sum(-1).mean().item() < 0.1
 
 
-def test_example_plugin_install_convert_uninstall(qwen3_model, tmp_path):
+def test_example_plugin_install_convert_uninstall(yi_model, tmp_path):
     with example_plugin_installed(tmp_path):
-        source, architectures = listed_plugins()["qwen3"]
+        source, architectures = listed_plugins()["yi"]
         assert source.startswith(f"{EXAMPLE_DIST} 0.1.0") and architectures == EXAMPLE_ARCHITECTURES
 
-        inspected = exl2("inspect", str(qwen3_model.path))
+        inspected = exl2("inspect", str(yi_model.path))
         assert inspected.returncode == 0, inspected.stderr
-        assert "architecture: Qwen3ForCausalLM (plugin: qwen3)" in inspected.stdout
-        assert re.search(r"model\.layers\.0 +attention +q_proj 64→128, k_proj 64→64", inspected.stdout)
+        assert "architecture: YiForCausalLM (plugin: yi)" in inspected.stdout
+        assert re.search(r"model\.layers\.0 +attention +q_proj 64→64, k_proj 64→32", inspected.stdout)
 
-        source_model = SourceModel(qwen3_model.path)
-        ids = qwen3_model.random_ids()
+        source_model = SourceModel(yi_model.path)
+        ids = yi_model.random_ids()
         ours = forward_logits(source_model, resolve_plan(source_model.config), ids)
-        assert (ours - qwen3_model.hf_logits(ids)).abs().max().item() <= 1e-4
+        assert (ours - yi_model.hf_logits(ids)).abs().max().item() <= 1e-4
 
         out = tmp_path / "exl2"
-        converted = exl2("convert", "-i", str(qwen3_model.path), "-o", str(tmp_path / "job"),
+        converted = exl2("convert", "-i", str(yi_model.path), "-o", str(tmp_path / "job"),
                          "-cf", str(out), *CALIBRATION)
         assert converted.returncode == 0, converted.stderr
-        _check_conversion(qwen3_model, out)
-    assert "qwen3" not in listed_plugins()
-    assert "no installed plugin handles architecture 'Qwen3ForCausalLM'" in the_error(
-        exl2("inspect", str(qwen3_model.path)))
-    with pytest.raises(Exl2Error, match="no installed plugin handles architecture 'Qwen3ForCausalLM'"):
-        resolve_plan(SourceModel(qwen3_model.path).config)
+        _check_conversion(yi_model, out)
+    assert "yi" not in listed_plugins()
+    assert "no installed plugin handles architecture 'YiForCausalLM'" in the_error(
+        exl2("inspect", str(yi_model.path)))
+    with pytest.raises(Exl2Error, match="no installed plugin handles architecture 'YiForCausalLM'"):
+        resolve_plan(SourceModel(yi_model.path).config)

@@ -1,7 +1,9 @@
-"""Llama-family architectures: Llama, Mistral, Qwen2.
+"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense).
 
-All three are the plain pre-norm decoder (RMSNorm, NeoX RoPE, SiLU-gated MLP); they differ only in
-which projections carry a bias. Mistral's and Qwen2's sliding windows come from the config.
+All are the plain pre-norm decoder (RMSNorm, NeoX RoPE, SiLU-gated MLP); they differ in which
+projections carry a bias, and Qwen3 normalises every head of q and k (``self_attn.q_norm`` / ``k_norm``,
+RMSNorm of width ``head_dim``, before RoPE), with a ``head_dim`` that config.json sets apart from
+``hidden_size / heads``. Mistral's and Qwen2's sliding windows come from the config.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Callable
 from exl2core import hookimpl
 from exl2core.model.config import ModelConfig
 from exl2core.builders.decoder import DecoderSpec, config_biases, dense_decoder_plan
+from exl2core.errors import Exl2Error
 from exl2core.plan import ModelPlan
 
 
@@ -24,14 +27,24 @@ def _qwen2(config: ModelConfig) -> DecoderSpec:
     return DecoderSpec(qkv_bias=True)
 
 
+def _qwen3(config: ModelConfig) -> DecoderSpec:
+    """Llama plus q/k norms; biases only where config.json asks (exllamav2 0.3.2 reads the same keys)."""
+    act = config.get("hidden_act", default="silu")
+    if act != "silu":
+        raise Exl2Error(f"{config.architecture}: hidden_act '{act}' is not supported (Qwen3 uses silu)")
+    return DecoderSpec(qk_norm=True, **config_biases(config))
+
+
 #: architectures / model_type → the decoder it is.
 ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _llama,
     "Qwen2ForCausalLM": _qwen2,
+    "Qwen3ForCausalLM": _qwen3,
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _qwen2,
+    "qwen3": _qwen3,
 }
 
 
