@@ -9,7 +9,7 @@ Kinds are bound to their forwards in ``exl2core.modules.forward``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 from exl2core.errors import Exl2Error
@@ -28,7 +28,9 @@ class Linear:
     column it is quantized with (``q_proj`` … ``down_proj``, ``w1``/``w3``/``w2`` for experts,
     ``lm_head``). ``key`` is the EXL2 output prefix (``key + ".q_weight"`` …); ``source`` the source
     tensor prefix (differs for tied heads). Linears of one module with the same ``input`` read the
-    same activation and share one Hessian.
+    same activation and share one Hessian. ``rows`` ``(start, end)``: the linear is those output rows of
+    a fused source tensor (Phi-3's ``qkv_proj``, ``gate_up_proj``; its bias too), written to the output as
+    a linear of its own, as exllamav2 reads it.
     """
 
     name: str
@@ -39,6 +41,12 @@ class Linear:
     out_features: int
     bias: bool
     input: str
+    rows: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        """The dataclass repr, naming ``rows`` only when set (so plan digests of unfused plans stay)."""
+        shown = (f for f in fields(self) if f.name != "rows" or self.rows is not None)
+        return f"Linear({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 
 
 @dataclass(frozen=True)

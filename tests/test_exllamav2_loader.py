@@ -51,6 +51,7 @@ TEXT_MODELS = {
     "mistral": ("mistral", {}, []),
     "qwen2": ("qwen2", {}, []),
     "qwen3": ("qwen3", dict(head_dim=32), []),
+    "phi3": ("phi3", dict(pad_token_id=0, eos_token_id=2), []),  # fused qkv_proj / gate_up_proj, split
     "mixtral": ("mixtral", dict(num_local_experts=4, **MOE), []),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, moe_intermediate_size=64, norm_topk_prob=True, **MOE), []),
     "gemma": ("gemma", {}, []),

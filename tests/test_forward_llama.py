@@ -38,6 +38,10 @@ MODELS = {
     "qwen3": ("qwen3", {"head_dim": 32}),
     "qwen3-tied-bias-classic": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True, "attention_bias": True,
                                           "style": "classic"}),
+    # Phi-3: fused qkv_proj and gate_up_proj, split by rows; partial rotary as in Phi-4-mini
+    "phi3": ("phi3", {"pad_token_id": 0, "eos_token_id": 2}),
+    "phi3-partial-rotary-tied": ("phi3", {"pad_token_id": 0, "eos_token_id": 2, "partial_rotary_factor": 0.5,
+                                         "tie_word_embeddings": True}),
 }
 
 

@@ -10,7 +10,7 @@ from the module builders below.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from exl2core.model.config import ModelConfig, RopeSpec
 from exl2core.plan import (Attention, AttentionModule, EmbeddingModule, HeadModule, Linear, MlpModule, Module,
@@ -25,6 +25,9 @@ class DecoderSpec:
 
     ``sliding_windows`` and ``layer_ropes`` (per layer) override what :func:`layer_sliding_windows` and
     :func:`layer_rope` read from the config; a ``layer_ropes`` entry of None means no position embedding.
+    ``fused_qkv`` / ``fused_gate_up`` name a checkpoint tensor under ``attn`` / ``mlp`` that holds q, k, v
+    (gate, up) stacked by rows (Phi-3's ``qkv_proj``, ``gate_up_proj``): each linear reads its rows of it
+    (``Linear.rows``) and keeps its own output name, which exllamav2 reads in place of the fused tensor.
     """
 
     lm_prefix: str = ""
@@ -53,6 +56,8 @@ class DecoderSpec:
     fp32_residual: bool = False
     sliding_windows: Sequence[int | None] | None = None
     layer_ropes: Sequence[RopeSpec | None] | None = None
+    fused_qkv: str | None = None
+    fused_gate_up: str | None = None
 
 
 def config_biases(config: ModelConfig) -> dict[str, bool]:
@@ -116,6 +121,15 @@ def _linear(prefix: str, name: str, in_features: int, out_features: int, bias: b
                   in_features=in_features, out_features=out_features, bias=bias, input=input_name)
 
 
+def read_fused(linears: Sequence[Linear], source: str) -> tuple[Linear, ...]:
+    """``linears`` read as consecutive row blocks, in order, of the fused source tensor ``source``."""
+    out, start = [], 0
+    for lin in linears:
+        out.append(replace(lin, source=source, rows=(start, start + lin.out_features)))
+        start += lin.out_features
+    return tuple(out)
+
+
 def embedding_module(config: ModelConfig, spec: DecoderSpec) -> EmbeddingModule:
     key = f"{spec.lm_prefix}model.embed_tokens"
     return EmbeddingModule(key=key, mode="embedding", tensors={"embed": key + ".weight"}, scale=spec.embed_scale)
@@ -141,12 +155,14 @@ def attention_linears(config: ModelConfig, spec: DecoderSpec, layer: int) -> tup
     prefix = f"{layer_key(spec, layer)}.{spec.attn}"
     hidden, hd = config.hidden_size, config.head_dim
     q_out, kv_out = config.num_heads * hd, config.num_kv_heads * hd
-    return (
+    qkv = (
         _linear(prefix, "q_proj", hidden, q_out, spec.qkv_bias, "attn_in"),
         _linear(prefix, "k_proj", hidden, kv_out, spec.qkv_bias, "attn_in"),
         _linear(prefix, "v_proj", hidden, kv_out, spec.qkv_bias, "attn_in"),
-        _linear(prefix, "o_proj", q_out, hidden, spec.o_bias, "attn_out"),
     )
+    if spec.fused_qkv:
+        qkv = read_fused(qkv, f"{prefix}.{spec.fused_qkv}")
+    return qkv + (_linear(prefix, "o_proj", q_out, hidden, spec.o_bias, "attn_out"),)
 
 
 def attention_tensors(spec: DecoderSpec, layer: int) -> dict[str, str]:
@@ -172,10 +188,10 @@ def mlp_linears(config: ModelConfig, spec: DecoderSpec, layer: int) -> tuple[Lin
     prefix = f"{layer_key(spec, layer)}.{spec.mlp}"
     hidden, inner = config.hidden_size, config.intermediate_size
     gate = (_linear(prefix, "gate_proj", hidden, inner, spec.mlp_bias, "mlp_in"),) if spec.gated_mlp else ()
-    return gate + (
-        _linear(prefix, "up_proj", hidden, inner, spec.mlp_bias, "mlp_in"),
-        _linear(prefix, "down_proj", inner, hidden, spec.mlp_bias, "mlp_down"),
-    )
+    gate_up = gate + (_linear(prefix, "up_proj", hidden, inner, spec.mlp_bias, "mlp_in"),)
+    if spec.fused_gate_up:
+        gate_up = read_fused(gate_up, f"{prefix}.{spec.fused_gate_up}")
+    return gate_up + (_linear(prefix, "down_proj", inner, hidden, spec.mlp_bias, "mlp_down"),)
 
 
 def mlp_slot(key: str, linears: Sequence[Linear]) -> Slot:

@@ -121,13 +121,19 @@ class SourceModel:
         module's unquantized tensors by role. Names in ``skip`` are not read (the caller supplies them)."""
         skip = set(skip)
         wanted: dict[str, str] = {}
+        rows: dict[str, tuple[int, int]] = {}  # linears that are row blocks of a fused source tensor
         for lin in module.linears:
             wanted[lin.name] = lin.source + ".weight"
             if lin.bias:
                 wanted[lin.name + ".bias"] = lin.source + ".bias"
+            if lin.rows is not None:
+                rows[lin.name] = rows[lin.name + ".bias"] = lin.rows
         wanted.update(module.tensors)
         weights = {name: self.finite_tensor(key, dtype, device) for name, key in wanted.items()
                    if name not in skip}
+        for name, (start, end) in rows.items():
+            if name in weights:
+                weights[name] = weights[name][start:end].contiguous()
         # Closing the shards unmaps them: pages read through an open map stay in this process's resident
         # memory, so a long conversion would otherwise hold every layer's file pages it ever read.
         self._handles.clear()

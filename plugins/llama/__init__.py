@@ -1,9 +1,10 @@
-"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense).
+"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense), Phi-3.
 
 All are the plain pre-norm decoder (RMSNorm, NeoX RoPE, SiLU-gated MLP); they differ in which
 projections carry a bias, and Qwen3 normalises every head of q and k (``self_attn.q_norm`` / ``k_norm``,
 RMSNorm of width ``head_dim``, before RoPE), with a ``head_dim`` that config.json sets apart from
-``hidden_size / heads``. Mistral's and Qwen2's sliding windows come from the config.
+``hidden_size / heads``. Phi-3 (and Phi-4) stores q/k/v and gate/up fused, which the plan splits into
+the separate linears exllamav2 reads. Sliding windows come from the config.
 """
 
 from __future__ import annotations
@@ -35,16 +36,27 @@ def _qwen3(config: ModelConfig) -> DecoderSpec:
     return DecoderSpec(qk_norm=True, **config_biases(config))
 
 
+def _phi3(config: ModelConfig) -> DecoderSpec:
+    """Llama with q/k/v in one tensor (``self_attn.qkv_proj``) and gate/up in another (``mlp.gate_up_proj``),
+    split into the linears exllamav2 0.3.2 reads in their place (``q_proj`` … ``up_proj``)."""
+    act = config.get("hidden_act", default="silu")
+    if act != "silu":
+        raise Exl2Error(f"{config.architecture}: hidden_act '{act}' is not supported (Phi-3 uses silu)")
+    return DecoderSpec(fused_qkv="qkv_proj", fused_gate_up="gate_up_proj")
+
+
 #: architectures / model_type → the decoder it is.
 ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _llama,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
+    "Phi3ForCausalLM": _phi3,
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
+    "phi3": _phi3,
 }
 
 
