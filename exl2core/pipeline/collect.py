@@ -4,6 +4,8 @@ unquantized model gives the same linears (asymmetric calibration, ``gptq.Hessian
 The reference stream is the unquantized model's hidden states: each row runs through the module twice,
 once with the reference weights on the reference row (its linear inputs are kept for that row only), once
 with the current weights on the quantized row, whose inputs accumulate the Hessians and the cross terms.
+A pass that only needs the inputs of the module's first linears stops each quantized row's forward once
+it has them (``stop_after``): the rest of that forward would be discarded.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ from exl2core.plan import Module
 from exl2core.quant.gptq import Hessian
 
 
+class _Captured(Exception):
+    """Raised from the capture callback to end a forward whose remaining work nobody reads."""
+
+
 @dataclass
 class Collected:
     """What one pass over the rows gathered: Hessians by capture name, the module's outputs on the
-    quantized rows, with a reference stream its outputs on the reference rows, and the reference inputs
-    kept for a later pass (one dict per row)."""
+    quantized rows (None for a pass stopped after its inputs), with a reference stream its outputs on the
+    reference rows, and the reference inputs kept for a later pass (one dict per row)."""
 
     hessians: dict[str, Hessian]
-    outputs: list[torch.Tensor]
+    outputs: list[torch.Tensor] | None
     reference_outputs: list[torch.Tensor] | None
     reference_inputs: list[dict[str, torch.Tensor]] | None = None
 
@@ -47,20 +53,26 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
             inputs: set[str] | None = None, reference: HiddenStates | None = None,
             reference_weights: dict[str, torch.Tensor] | None = None,
             paired: set[str] = frozenset(), keep: set[str] = frozenset(),
-            reference_inputs: list[dict[str, torch.Tensor]] | None = None) -> Collected:
-    """Run ``module`` over every row, accumulating a Hessian per captured name (only ``inputs`` when
-    given). Names in ``paired`` get the cross term with the reference stream's input to the same linear:
+            reference_inputs: list[dict[str, torch.Tensor]] | None = None,
+            stop_after: set[str] = frozenset()) -> Collected:
+    """Run ``module`` over every row, accumulating a Hessian per captured name (of the linear inputs, only
+    ``inputs`` when given; other captures, such as an MoE block's routed-token counts, always). Names in ``paired`` get the cross term with the reference stream's input to the same linear:
     from ``reference_inputs`` (kept by an earlier pass) when given, else from running ``reference`` with
-    ``reference_weights``, whose outputs are then returned, as are its inputs named in ``keep``."""
+    ``reference_weights``, whose outputs are then returned, as are its inputs named in ``keep``. With
+    ``stop_after``, each quantized row's forward ends once all those names are captured, and no outputs
+    are returned."""
     if paired and reference is None and reference_inputs is None:
         raise ValueError("paired Hessians need a reference stream")
     run_reference = reference is not None and reference_inputs is None
     reported = {slot.output for slot in module.slots if slot.output}
     hessians: dict[str, Hessian] = {}
     ref_inputs: dict[str, torch.Tensor] = {}
+    pending: set[str] = set()
+
+    linear_inputs = {lin.input for lin in module.linears}
 
     def wanted(name: str) -> bool:
-        return name not in reported and (inputs is None or name in inputs)
+        return name not in reported and (inputs is None or name in inputs or name not in linear_inputs)
 
     def keep_reference(name: str, x: torch.Tensor) -> None:
         if name in paired or name in keep:
@@ -73,8 +85,12 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
             hessians[name] = Hessian(x.shape[-1], x.device, asymmetric=name in paired)
         ref = ref_inputs.get(name)
         hessians[name].add(x, None if ref is None else ref.to(x.device))
+        if stop_after:
+            pending.discard(name)
+            if not pending:
+                raise _Captured
 
-    outputs = []
+    outputs = None if stop_after else []
     ref_outputs = [] if run_reference else None
     kept = [] if run_reference and keep else None
     with torch.inference_mode():
@@ -88,9 +104,14 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
                 ref_outputs.append(y_ref.to(reference.rows[i].device))
                 if kept is not None:
                     kept.append({n: x.to(reference.rows[i].device) for n, x in ref_inputs.items() if n in keep})
-            y = fwd(module, weights, states.row(i), accumulate)
+            pending.update(stop_after)
+            try:
+                y = fwd(module, weights, states.row(i), accumulate)
+            except _Captured:
+                continue
             _check_finite(module, y, i)
-            outputs.append(y.to(states.rows[i].device))
+            if outputs is not None:
+                outputs.append(y.to(states.rows[i].device))
     return Collected(hessians, outputs, ref_outputs, kept)
 
 

@@ -34,7 +34,7 @@ RTN_NUMEL = 1e9
 PPL_HEALTHY = 30.0
 #: The asymmetric fit keeps the unquantized model's inputs to a block's later linears from its first pass
 #: while they fit in this many bytes; beyond, its second pass runs the unquantized block again.
-REFERENCE_CACHE_BYTES = 1 << 30
+REFERENCE_CACHE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,14 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     stage_inputs = [{lin.input for lin in stage} for stage in stages]
     later = set().union(*stage_inputs[1:])
     keep = later if asymmetric and _reference_bytes(module, later, states) <= REFERENCE_CACHE_BYTES else set()
+    # The asymmetric fit's first pass needs only the first linears' inputs on the quantized rows, and its
+    # error is taken against the unquantized model's output (what it fits), so those forwards stop early.
+    first_only = stage_inputs[0] if asymmetric else frozenset()
     collected = collect(fwd, module, weights, states, reference=reference, reference_weights=unquantized,
-                        paired=stage_inputs[0] if asymmetric else frozenset(), keep=keep)
-    targets, hessians = collected.outputs, collected.hessians
-    notes = calibration_report(module, hessians)
+                        paired=first_only, keep=keep, inputs=first_only or None, stop_after=first_only)
+    targets = collected.reference_outputs if asymmetric else collected.outputs
+    hessians = collected.hessians
+    seen = dict(hessians)
     for index, stage in enumerate(stages):
         if not stage:
             continue
@@ -124,8 +128,10 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
             hessians = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
                                reference_weights=unquantized, reference_inputs=collected.reference_inputs,
                                paired=stage_inputs[index] if asymmetric else frozenset()).hessians
+            seen.update((name, h) for name, h in hessians.items() if name not in seen)
         prepared = prepare_hessians(module, hessians, states.device)
         _quantize_linears(module, stage, weights, prepared, strategy, head_bits, out_dir, options)
+    notes = calibration_report(module, seen)
     outputs = forward_rows(fwd, module, weights, states)
     return ModuleResult(outputs, error=relative_error(outputs, targets), notes=notes,
                         reference_outputs=collected.reference_outputs)
