@@ -32,9 +32,10 @@ def _setup(model, ids):
     return plan, weights_of, measure_sensitivity(plan, weights_of, ids, "cpu", 0)
 
 
-def _direct_marginals(plan, weights_of, ids) -> dict[str, float]:
+def _direct_marginals(plan, weights_of, ids, isolated: bool) -> dict[str, float]:
     """The same quantity the plain way: every slot's reference quantization from Hessians of the
-    unquantized model's inputs, then whole-model forwards, all slots quantized and each one left out."""
+    unquantized model's inputs, then whole-model forwards: all slots quantized and each one left out, or
+    each slot quantized alone."""
     states = HiddenStates([r for r in ids], "cpu")
     quantized: dict[str, dict[str, torch.Tensor]] = {}
     rows = [r.unsqueeze(0) for r in ids]
@@ -54,21 +55,20 @@ def _direct_marginals(plan, weights_of, ids) -> dict[str, float]:
             rows = [fwd(module, w, r, None) for r in rows]
             states = HiddenStates([r.squeeze(0) for r in rows], "cpu")
 
-    def logits(left_out: str | None) -> torch.Tensor:
+    keys = [slot.key for m in plan.modules for slot in m.slots]
+
+    def logits(quantized_slots: set[str]) -> torch.Tensor:
         out = []
         with torch.inference_mode():
             for row in ids:
                 x = row.unsqueeze(0)
                 for module in plan.modules:
-                    w = quantized.get(module.measurement_key, weights_of(module))
-                    if left_out is not None and module.slots:
-                        w = dict(w)
-                        for slot in module.slots:
-                            if slot.key == left_out:
-                                original = weights_of(module)
-                                for lin in module.linears:
-                                    if lin.role in slot.roles:
-                                        w[lin.name] = original[lin.name]
+                    w = dict(weights_of(module))
+                    for slot in module.slots:
+                        if slot.key in quantized_slots:
+                            for lin in module.linears:
+                                if lin.role in slot.roles:
+                                    w[lin.name] = quantized[module.measurement_key][lin.name]
                     x = module_forward(module)(module, w, x, None)
                 out.append(x.squeeze(0))
         return torch.cat(out)
@@ -86,18 +86,21 @@ def _direct_marginals(plan, weights_of, ids) -> dict[str, float]:
         q = torch.log_softmax(z.float(), -1)
         return (p.exp() * (p - q)).sum(-1).mean().item()
 
-    everything = kl(logits(None))
-    keys = [slot.key for m in plan.modules for slot in m.slots]
-    return {key: everything - kl(logits(key)) for key in keys}
+    if isolated:
+        return {key: kl(logits({key})) for key in keys}
+    everything = kl(logits(set(keys)))
+    return {key: everything - kl(logits(set(keys) - {key})) for key in keys}
 
 
-def test_measured_marginals_match_a_direct_computation(tiny_llama):
+@pytest.mark.parametrize("isolated", [False, True])
+def test_measured_marginals_match_a_direct_computation(tiny_llama, isolated):
     ids = tiny_llama.random_ids(batch=2, length=48)
     plan, weights_of, sens = _setup(tiny_llama, ids)
     calls = []
-    marginals = measure_marginals(plan, weights_of, ids, "cpu", sens, on_module=lambda: calls.append(1))
+    marginals = measure_marginals(plan, weights_of, ids, "cpu", sens, isolated=isolated,
+                                  on_module=lambda: calls.append(1))
     assert len(calls) == len(plan.modules)
-    direct = _direct_marginals(plan, weights_of, ids)
+    direct = _direct_marginals(plan, weights_of, ids, isolated)
     assert marginals.measured.keys() == direct.keys() == marginals.predicted.keys()
     for key, value in direct.items():
         assert marginals.measured[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key

@@ -335,12 +335,12 @@ class Converter:
                                           on_module=self.report.advance)
         self.report.log(f"output sensitivity from {ids.shape[0]} × {ids.shape[1]} tokens "
                         f"in {time.monotonic() - started:.1f} s")
-        if self.s.sensitivity == "marginal":
+        if self.s.sensitivity != "fisher":
             rows = marginal_rows(ids)
             self.report.stage("Marginal KL", len(self.plan.modules))
             started = time.monotonic()
             scales = measure_marginals(self.plan, weights_of, rows, self.device, sensitivity,
-                                       on_module=self.report.advance).scales()
+                                       isolated=self.s.sensitivity == "isolated", on_module=self.report.advance).scales()
             sensitivity = replace(sensitivity, scales=scales)
             ordered = sorted(scales.values())
             self.report.log(f"marginal KL of {len(scales)} slots from {rows.shape[0]} × {rows.shape[1]} tokens in "

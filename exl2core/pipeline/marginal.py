@@ -1,4 +1,4 @@
-"""Marginal KL of each slot: what its quantization error adds to the KL of an otherwise quantized model.
+"""Measured KL of each slot's quantization error, to correct the Fisher prediction slot by slot.
 
 The Fisher sensitivity (``pipeline.sensitivity``) predicts a slot's KL to second order, as if its error
 were the only one in an unquantized model. Checked on SmolLM2-135M (one slot quantized at a time at
@@ -6,12 +6,14 @@ about 2.4 bpw, 512 tokens), the KL it really causes is 0.84–2.5× that predict
 and in a fully quantized model the errors compound on top. This pass measures the truth once per slot at
 one reference setting: every slot is quantized (GPTQ at the table row nearest ``REFERENCE_BPW``), and the
 model's KL to the unquantized one is compared, on the same tokens, with the KL of the same model with one
-slot left unquantized (leave one out). That difference divided by the Fisher prediction for the same
-weight error is the slot's scale; the allocator multiplies every candidate's predicted KL by it.
+slot left unquantized (leave one out, ``marginal``), or the KL of the unquantized model with only that
+slot quantized is measured (``isolated``: no compounding, but no difference of two large KLs either, so
+far less noise on few tokens). That KL divided by the Fisher prediction for the same weight error is the
+slot's scale; the allocator multiplies every candidate's predicted KL by it.
 
-Streamed module by module like the other passes: the unquantized stream, the all-quantized stream, and
-one leave-one-out stream per slot, branching from the all-quantized stream at its slot. The cost is one
-forward of the rest of the model per slot over ``MARGINAL_TOKENS`` tokens.
+Streamed module by module like the other passes: the unquantized stream, the all-quantized stream
+(``marginal``), and one stream per slot, branching at its slot. The cost is one forward of the rest of
+the model per slot over ``MARGINAL_TOKENS`` tokens.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from exl2core.pipeline.sensitivity import HEAD_CHUNK, Sensitivity
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.qparams import TABLES, QParams, table_setting
 
-#: How a predicted KL is weighted (``--sensitivity``): ``marginal`` scales each slot's Fisher prediction by
-#: its measured marginal KL (this module); ``fisher`` uses the Fisher prediction alone.
-SENSITIVITY_MODES = ("marginal", "fisher")
+#: How a predicted KL is weighted (``--sensitivity``): ``marginal`` and ``isolated`` scale each slot's Fisher
+#: prediction by its measured KL (this module); ``fisher`` uses the Fisher prediction alone.
+SENSITIVITY_MODES = ("marginal", "isolated", "fisher")
 #: The bits per weight of the reference setting each slot is quantized with.
 REFERENCE_BPW = 3.0
 #: Calibration tokens the pass reads at most.
@@ -79,15 +81,15 @@ class Marginals:
 
 
 def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, torch.Tensor]], ids: torch.Tensor,
-                      device: torch.device, sensitivity: Sensitivity,
+                      device: torch.device, sensitivity: Sensitivity, *, isolated: bool = False,
                       on_module: Callable[[], None] | None = None) -> Marginals:
-    """The marginals of every slot of ``plan`` on the token rows ``ids``; ``on_module`` is called once per
-    module."""
+    """The marginals of every slot of ``plan`` on the token rows ``ids`` (``isolated``: each slot alone in
+    the unquantized model); ``on_module`` is called once per module."""
     modules = plan.modules
     last = max(i for i, m in enumerate(modules) if m.slots)
     fp: HiddenStates | None = None
     base: HiddenStates | None = None
-    left_out: dict[str, HiddenStates] = {}
+    streams: dict[str, HiddenStates] = {}
     predicted: dict[str, float] = {}
     for i, module in enumerate(modules[: last + 1]):
         weights = weights_of(module)
@@ -97,8 +99,9 @@ def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, 
                 rows = [fwd(module, weights, row.unsqueeze(0).to(device), None).squeeze(0) for row in ids]
             fp = base = HiddenStates(rows, device)
         elif not module.slots:
-            fp, base = (s.replaced(forward_rows(fwd, module, weights, s)) for s in (fp, base))
-            left_out = {k: s.replaced(forward_rows(fwd, module, weights, s)) for k, s in left_out.items()}
+            fp = fp.replaced(forward_rows(fwd, module, weights, fp))
+            base = fp if isolated else base.replaced(forward_rows(fwd, module, weights, base))
+            streams = {k: s.replaced(forward_rows(fwd, module, weights, s)) for k, s in streams.items()}
         else:
             hessians: dict[str, Hessian] = {}
             fp_out = forward_rows(fwd, module, weights, fp, hessians)
@@ -116,21 +119,24 @@ def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, 
                                                 hessians[lin.input].matrix)
                         kl += 0.5 * (sensitivity.of(module, name).to(errors) * errors).sum().item() / tokens
                 predicted[slot.key] = kl
-            left_out = {k: s.replaced(forward_rows(fwd, module, quantized, s)) for k, s in left_out.items()}
+            streams = {k: s.replaced(forward_rows(fwd, module, weights if isolated else quantized, s))
+                       for k, s in streams.items()}
             for slot in module.slots:
-                trial = dict(quantized)
+                trial, source = (dict(weights), fp) if isolated else (dict(quantized), base)
                 for lin in slot_linears(module, slot):
-                    trial[lin.name] = weights[lin.name]
-                left_out[slot.key] = base.replaced(forward_rows(fwd, module, trial, base))
-            fp, base = fp.replaced(fp_out), base.replaced(forward_rows(fwd, module, quantized, base))
+                    trial[lin.name] = quantized[lin.name] if isolated else weights[lin.name]
+                streams[slot.key] = source.replaced(forward_rows(fwd, module, trial, source))
+            fp = fp.replaced(fp_out)
+            base = fp if isolated else base.replaced(forward_rows(fwd, module, quantized, base))
         del weights
         if on_module:
             on_module()
-    kls = _kl_divergences(modules[last + 1:], weights_of, fp, {"": base, **left_out}, device)
+    compared = streams if isolated else {"": base, **streams}
+    kls = _kl_divergences(modules[last + 1:], weights_of, fp, compared, device)
     if on_module:
         for _ in modules[last + 1:]:
             on_module()
-    return Marginals(predicted, {key: kls[""] - kls[key] for key in predicted})
+    return Marginals(predicted, {key: kls[key] if isolated else kls[""] - kls[key] for key in predicted})
 
 
 def _kl_divergences(tail: list[Module], weights_of, fp: HiddenStates, streams: dict[str, HiddenStates],
