@@ -52,6 +52,9 @@ TEXT_MODELS = {
     "qwen2": ("qwen2", {}, []),
     "qwen3": ("qwen3", dict(head_dim=32), []),
     "phi3": ("phi3", dict(pad_token_id=0, eos_token_id=2), []),  # fused qkv_proj / gate_up_proj, split
+    # multipliers: o_proj, down_proj and the head load with a prescale
+    "granite": ("granite", dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
+                                logits_scaling=8.0), []),
     "mixtral": ("mixtral", dict(num_local_experts=4, **MOE), []),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, moe_intermediate_size=64, norm_topk_prob=True, **MOE), []),
     "gemma": ("gemma", {}, []),

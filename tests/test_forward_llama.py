@@ -23,6 +23,8 @@ from exl2core.plugins import resolve_plan
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16, "rope_theta": 10000.0}
 LINEAR = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+GRANITE = dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
+               logits_scaling=8.0)
 
 MODELS = {
     "llama": ("llama", {}),
@@ -40,6 +42,10 @@ MODELS = {
                                           "style": "classic"}),
     # Phi-3: fused qkv_proj and gate_up_proj, split by rows; partial rotary as in Phi-4-mini
     "phi3": ("phi3", {"pad_token_id": 0, "eos_token_id": 2}),
+    # Granite: every multiplier ≠ 1 (attention_multiplier ≠ head_dim^-½), as in granite-3.x
+    "granite": ("granite", GRANITE),
+    "granite-tied-bias-classic": ("granite", {**GRANITE, "tie_word_embeddings": True, "attention_bias": True,
+                                              "style": "classic"}),
     "phi3-partial-rotary-tied": ("phi3", {"pad_token_id": 0, "eos_token_id": 2, "partial_rotary_factor": 0.5,
                                          "tie_word_embeddings": True}),
 }

@@ -41,6 +41,7 @@ BUILT_IN = {
     "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM"},
     "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
+    "granite": {"GraniteForCausalLM"},
     "vision": {"LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration",
                "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"},
 }
