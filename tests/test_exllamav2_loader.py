@@ -52,6 +52,7 @@ TEXT_MODELS = {
     "qwen2": ("qwen2", {}, []),
     "qwen3": ("qwen3", dict(head_dim=32), []),
     "phi3": ("phi3", dict(pad_token_id=0, eos_token_id=2), []),  # fused qkv_proj / gate_up_proj, split
+    "starcoder2": ("starcoder2", dict(norm_epsilon=1e-4), []),
     # multipliers: o_proj, down_proj and the head load with a prescale
     "granite": ("granite", dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
                                 logits_scaling=8.0), []),
@@ -68,7 +69,8 @@ CASES = [*TEXT_MODELS, *(f"vlm-{name}" for name in VISION_MODELS)]
 #: Linears exllamav2 always loads unquantized: the MoE routers.
 ROUTER_SUFFIXES = (".block_sparse_moe.gate", ".mlp.gate")
 #: exllamav2's name for every quantized linear that carries a bias in these models.
-BIASED = {"qwen2": ("q_proj", "k_proj", "v_proj"), "vlm-qwen2_vl": ("q_proj", "k_proj", "v_proj")}
+BIASED = {"qwen2": ("q_proj", "k_proj", "v_proj"), "vlm-qwen2_vl": ("q_proj", "k_proj", "v_proj"),
+          "starcoder2": ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")}
 #: Image preprocessing files that exllamav2's prepare() requires of each VLM (only the keys it reads).
 PREPROCESSOR = {
     "mistral3": dict(image_processor_type="PixtralImageProcessor", patch_size=8, resample=3,

@@ -46,6 +46,9 @@ MODELS = {
     "granite": ("granite", GRANITE),
     "granite-tied-bias-classic": ("granite", {**GRANITE, "tie_word_embeddings": True, "attention_bias": True,
                                               "style": "classic"}),
+    # Starcoder2: LayerNorm with bias, biases everywhere, ungated c_fc / c_proj, tied head by default
+    "starcoder2": ("starcoder2", {"norm_epsilon": 1e-4}),
+    "starcoder2-untied-window": ("starcoder2", {"tie_word_embeddings": False, "sliding_window": 16}),
     "phi3-partial-rotary-tied": ("phi3", {"pad_token_id": 0, "eos_token_id": 2, "partial_rotary_factor": 0.5,
                                          "tie_word_embeddings": True}),
 }

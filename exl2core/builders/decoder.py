@@ -9,7 +9,7 @@ from the module builders below.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from exl2core.model.config import ModelConfig, RopeSpec
@@ -28,6 +28,8 @@ class DecoderSpec:
     ``fused_qkv`` / ``fused_gate_up`` name a checkpoint tensor under ``attn`` / ``mlp`` that holds q, k, v
     (gate, up) stacked by rows (Phi-3's ``qkv_proj``, ``gate_up_proj``): each linear reads its rows of it
     (``Linear.rows``) and keeps its own output name, which exllamav2 reads in place of the fused tensor.
+    ``linear_names`` maps a linear's name (``up_proj`` …) to its checkpoint name under ``attn`` / ``mlp``
+    when they differ (Starcoder2: ``c_fc``, ``c_proj``); the output keeps the checkpoint's name.
     """
 
     lm_prefix: str = ""
@@ -58,6 +60,7 @@ class DecoderSpec:
     layer_ropes: Sequence[RopeSpec | None] | None = None
     fused_qkv: str | None = None
     fused_gate_up: str | None = None
+    linear_names: Mapping[str, str] | None = None
 
 
 def config_biases(config: ModelConfig) -> dict[str, bool]:
@@ -121,6 +124,13 @@ def _linear(prefix: str, name: str, in_features: int, out_features: int, bias: b
                   in_features=in_features, out_features=out_features, bias=bias, input=input_name)
 
 
+def checkpoint_names(linears: Sequence[Linear], prefix: str, spec: DecoderSpec) -> tuple[Linear, ...]:
+    """``linears`` keyed and read under the checkpoint names ``spec.linear_names`` gives them."""
+    names = spec.linear_names or {}
+    return tuple(replace(lin, key=f"{prefix}.{names[lin.name]}", source=f"{prefix}.{names[lin.name]}")
+                 if lin.name in names else lin for lin in linears)
+
+
 def read_fused(linears: Sequence[Linear], source: str) -> tuple[Linear, ...]:
     """``linears`` read as consecutive row blocks, in order, of the fused source tensor ``source``."""
     out, start = [], 0
@@ -155,14 +165,14 @@ def attention_linears(config: ModelConfig, spec: DecoderSpec, layer: int) -> tup
     prefix = f"{layer_key(spec, layer)}.{spec.attn}"
     hidden, hd = config.hidden_size, config.head_dim
     q_out, kv_out = config.num_heads * hd, config.num_kv_heads * hd
-    qkv = (
+    qkv = checkpoint_names((
         _linear(prefix, "q_proj", hidden, q_out, spec.qkv_bias, "attn_in"),
         _linear(prefix, "k_proj", hidden, kv_out, spec.qkv_bias, "attn_in"),
         _linear(prefix, "v_proj", hidden, kv_out, spec.qkv_bias, "attn_in"),
-    )
+    ), prefix, spec)
     if spec.fused_qkv:
         qkv = read_fused(qkv, f"{prefix}.{spec.fused_qkv}")
-    return qkv + (_linear(prefix, "o_proj", q_out, hidden, spec.o_bias, "attn_out"),)
+    return qkv + checkpoint_names((_linear(prefix, "o_proj", q_out, hidden, spec.o_bias, "attn_out"),), prefix, spec)
 
 
 def attention_tensors(spec: DecoderSpec, layer: int) -> dict[str, str]:
@@ -188,10 +198,12 @@ def mlp_linears(config: ModelConfig, spec: DecoderSpec, layer: int) -> tuple[Lin
     prefix = f"{layer_key(spec, layer)}.{spec.mlp}"
     hidden, inner = config.hidden_size, config.intermediate_size
     gate = (_linear(prefix, "gate_proj", hidden, inner, spec.mlp_bias, "mlp_in"),) if spec.gated_mlp else ()
-    gate_up = gate + (_linear(prefix, "up_proj", hidden, inner, spec.mlp_bias, "mlp_in"),)
+    gate_up = checkpoint_names(gate + (_linear(prefix, "up_proj", hidden, inner, spec.mlp_bias, "mlp_in"),),
+                               prefix, spec)
     if spec.fused_gate_up:
         gate_up = read_fused(gate_up, f"{prefix}.{spec.fused_gate_up}")
-    return gate_up + (_linear(prefix, "down_proj", inner, hidden, spec.mlp_bias, "mlp_down"),)
+    down = _linear(prefix, "down_proj", inner, hidden, spec.mlp_bias, "mlp_down")
+    return gate_up + checkpoint_names((down,), prefix, spec)
 
 
 def mlp_slot(key: str, linears: Sequence[Linear]) -> Slot:
