@@ -53,6 +53,7 @@ TEXT_MODELS = {
     "qwen3": ("qwen3", dict(head_dim=32), []),
     "phi3": ("phi3", dict(pad_token_id=0, eos_token_id=2), []),  # fused qkv_proj / gate_up_proj, split
     "starcoder2": ("starcoder2", dict(norm_epsilon=1e-4), []),
+    "glm4": ("glm4", dict(pad_token_id=0, eos_token_id=2), []),  # q/k/v bias, partial rotary 0.5
     # multipliers: o_proj, down_proj and the head load with a prescale
     "granite": ("granite", dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
                                 logits_scaling=8.0), []),
@@ -70,6 +71,7 @@ CASES = [*TEXT_MODELS, *(f"vlm-{name}" for name in VISION_MODELS)]
 ROUTER_SUFFIXES = (".block_sparse_moe.gate", ".mlp.gate")
 #: exllamav2's name for every quantized linear that carries a bias in these models.
 BIASED = {"qwen2": ("q_proj", "k_proj", "v_proj"), "vlm-qwen2_vl": ("q_proj", "k_proj", "v_proj"),
+          "glm4": ("q_proj", "k_proj", "v_proj"),
           "starcoder2": ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")}
 #: Image preprocessing files that exllamav2's prepare() requires of each VLM (only the keys it reads).
 PREPROCESSOR = {
@@ -446,7 +448,8 @@ def source_settings(source: Path) -> dict[str, float]:
     return {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
             "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            "vocab_size": text.vocab_size, "rotary_embedding_base": params["rope_theta"]}
+            "vocab_size": text.vocab_size, "rotary_embedding_base": params["rope_theta"],
+            "partial_rotary_factor": params.get("partial_rotary_factor", 1.0)}
 
 
 def architecture(model_dir: Path) -> str:

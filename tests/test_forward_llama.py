@@ -49,6 +49,12 @@ MODELS = {
     # Starcoder2: LayerNorm with bias, biases everywhere, ungated c_fc / c_proj, tied head by default
     "starcoder2": ("starcoder2", {"norm_epsilon": 1e-4}),
     "starcoder2-untied-window": ("starcoder2", {"tie_word_embeddings": False, "sliding_window": 16}),
+    # GLM-4: post-norms, interleaved RoPE on half of each head, q/k/v bias, fused gate_up_proj
+    "glm4": ("glm4", {"pad_token_id": 0, "eos_token_id": 2}),
+    "glm4-no-bias-full-rotary-classic": ("glm4", {"pad_token_id": 0, "eos_token_id": 2, "attention_bias": False,
+                                                  "rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
+                                                                      "partial_rotary_factor": 1.0},
+                                                  "style": "classic"}),
     "phi3-partial-rotary-tied": ("phi3", {"pad_token_id": 0, "eos_token_id": 2, "partial_rotary_factor": 0.5,
                                          "tie_word_embeddings": True}),
 }

@@ -42,6 +42,7 @@ BUILT_IN = {
     "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
     "granite": {"GraniteForCausalLM"},
+    "glm": {"Glm4ForCausalLM"},
     "starcoder": {"Starcoder2ForCausalLM"},
     "vision": {"LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration",
                "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"},

@@ -108,7 +108,7 @@ def copy_source_files(in_dir: Path, out_dir: Path) -> None:
 
 
 def with_classic_keys(section: dict) -> dict:
-    """Add the classic keys exllamav2 0.3.2 reads (``rope_theta``, ``rope_scaling``,
+    """Add the classic keys exllamav2 0.3.2 reads (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor``,
     ``rope_local_base_freq``, ``sliding_window_pattern``) to a config section written in the
     transformers-5 style (``rope_parameters``, ``layer_types``); keys already present are kept."""
     params = section.get("rope_parameters")
@@ -117,6 +117,8 @@ def with_classic_keys(section: dict) -> dict:
         main = params.get("full_attention", next(iter(params.values()))) if nested else params
         if "rope_theta" in main:
             section.setdefault("rope_theta", main["rope_theta"])
+        if "partial_rotary_factor" in main:
+            section.setdefault("partial_rotary_factor", main["partial_rotary_factor"])
         if main.get("rope_type", "default") != "default":
             section.setdefault("rope_scaling", {k: v for k, v in main.items() if k != "rope_theta"})
         if nested and "rope_theta" in params.get("sliding_attention", {}):
