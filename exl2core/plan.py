@@ -30,7 +30,8 @@ class Linear:
     tensor prefix (differs for tied heads). Linears of one module with the same ``input`` read the
     same activation and share one Hessian. ``rows`` ``(start, end)``: the linear is those output rows of
     a fused source tensor (Phi-3's ``qkv_proj``, ``gate_up_proj``; its bias too), written to the output as
-    a linear of its own, as exllamav2 reads it.
+    a linear of its own, as exllamav2 reads it. ``transposed``: the source stores the weight ``[in, out]``
+    (GPT-2's Conv1D); it is transposed when read, before ``rows`` are taken.
     """
 
     name: str
@@ -42,10 +43,13 @@ class Linear:
     bias: bool
     input: str
     rows: tuple[int, int] | None = None
+    transposed: bool = False
 
     def __repr__(self) -> str:
-        """The dataclass repr, naming ``rows`` only when set (so plan digests of unfused plans stay)."""
-        shown = (f for f in fields(self) if f.name != "rows" or self.rows is not None)
+        """The dataclass repr, naming ``rows`` and ``transposed`` only when set (so the plan digests of
+        plans without them stay what they were)."""
+        optional = {"rows": None, "transposed": False}
+        shown = (f for f in fields(self) if f.name not in optional or getattr(self, f.name) != optional[f.name])
         return f"Linear({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 
 

@@ -43,6 +43,8 @@ CAL = ["-mr", "1", "-ml", "32", "-r", "2", "-l", "32", "--device", "cpu"]
 VOCAB = 300  # the head pads to 320 output features, as exllamav2 expects
 DIMS = dict(TINY_DIMS, vocab_size=VOCAB)
 MOE = dict(num_experts_per_tok=2, intermediate_size=64)
+#: GPT-2's own key (n_inner) and the generic ones TINY_DIMS sets, made consistent with it.
+GPT = dict(num_key_value_heads=4, intermediate_size=256, n_inner=256, activation_function="gelu_new")
 #: case → (transformers model_type, config overrides, extra convert arguments).
 TEXT_MODELS = {
     "llama": ("llama", {}, []),
@@ -54,6 +56,9 @@ TEXT_MODELS = {
     "phi3": ("phi3", dict(pad_token_id=0, eos_token_id=2), []),  # fused qkv_proj / gate_up_proj, split
     "starcoder2": ("starcoder2", dict(norm_epsilon=1e-4), []),
     "glm4": ("glm4", dict(pad_token_id=0, eos_token_id=2), []),  # q/k/v bias, partial rotary 0.5
+    # learned positions, c_attn split by rows (GPT-2: Conv1D weights, transposed); names from exllamav2's keymaps
+    "gpt2": ("gpt2", GPT, []),
+    "gpt_bigcode": ("gpt_bigcode", dict(GPT, num_key_value_heads=1, multi_query=True), []),
     # multipliers: o_proj, down_proj and the head load with a prescale
     "granite": ("granite", dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
                                 logits_scaling=8.0), []),
@@ -72,6 +77,7 @@ ROUTER_SUFFIXES = (".block_sparse_moe.gate", ".mlp.gate")
 #: exllamav2's name for every quantized linear that carries a bias in these models.
 BIASED = {"qwen2": ("q_proj", "k_proj", "v_proj"), "vlm-qwen2_vl": ("q_proj", "k_proj", "v_proj"),
           "glm4": ("q_proj", "k_proj", "v_proj"),
+          **dict.fromkeys(("gpt2", "gpt_bigcode"), ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
           "starcoder2": ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")}
 #: Image preprocessing files that exllamav2's prepare() requires of each VLM (only the keys it reads).
 PREPROCESSOR = {
@@ -438,17 +444,21 @@ def packed_keys(model_dir: Path) -> set[str]:
 
 
 def source_settings(source: Path) -> dict[str, float]:
-    """The language model's shape and RoPE base as transformers reads the source checkpoint."""
+    """The language model's shape and RoPE base (none for learned positions) as transformers reads the
+    source checkpoint."""
     from transformers import AutoConfig
 
     text = AutoConfig.from_pretrained(source).get_text_config()
-    params = text.rope_parameters
+    settings = {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
+                "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+                "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                "vocab_size": text.vocab_size}
+    params = getattr(text, "rope_parameters", None)
+    if params is None:
+        return settings
     if all(isinstance(v, dict) for v in params.values()):
         params = params["full_attention"]
-    return {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
-            "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
-            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            "vocab_size": text.vocab_size, "rotary_embedding_base": params["rope_theta"],
+    return {**settings, "rotary_embedding_base": params["rope_theta"],
             "partial_rotary_factor": params.get("partial_rotary_factor", 1.0)}
 
 

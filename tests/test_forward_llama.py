@@ -25,6 +25,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 LINEAR = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
 GRANITE = dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
                logits_scaling=8.0)
+#: GPT-2's own keys (n_inner), and the generic ones TINY_DIMS sets made consistent with them.
+GPT = dict(num_key_value_heads=4, intermediate_size=256, n_inner=256, activation_function="gelu_new")
 
 MODELS = {
     "llama": ("llama", {}),
@@ -55,6 +57,9 @@ MODELS = {
                                                   "rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
                                                                       "partial_rotary_factor": 1.0},
                                                   "style": "classic"}),
+    # GPT-2 (Conv1D weights, fused c_attn, learned positions) and GPTBigCode (multi-query c_attn)
+    "gpt2": ("gpt2", GPT),
+    "gpt_bigcode": ("gpt_bigcode", {**GPT, "num_key_value_heads": 1, "multi_query": True}),
     "phi3-partial-rotary-tied": ("phi3", {"pad_token_id": 0, "eos_token_id": 2, "partial_rotary_factor": 0.5,
                                          "tie_word_embeddings": True}),
 }
@@ -324,3 +329,26 @@ def test_partial_rotary_leaves_the_tail_alone(style):
     assert torch.allclose(out[..., :8], apply_rope(x[..., :8], full_cos, full_sin, style))
     second = 1 if style == "neox" else 2
     assert torch.allclose(cos[1, second], torch.cos(torch.tensor(10000.0 ** (-2 / 8))))
+
+
+def test_gpt2_original_layout_and_positions(tiny_model, tmp_path):
+    """The original GPT-2 checkpoints name their tensors without ``transformer.`` (``h.0.attn.c_attn`` …);
+    rows longer than the learned positions are refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("gpt2", **GPT)
+    for f in model.path.iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(model.path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): t for k, t in tensors.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    source = SourceModel(tmp_path)
+    plan = resolve_plan(source.config, tensor_names=source.keys())
+    assert plan.modules[1].linear("q_proj").source == "h.0.attn.c_attn"
+    assert plan.output_name("h.0.ln_1.weight") == "model.layers.0.ln_1.weight"
+    ids = model.random_ids()
+    assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4
+    long = torch.zeros(1, 257, dtype=torch.long)  # TINY_DIMS: 256 positions
+    with pytest.raises(Exl2Error, match="exceed the model's 256 learned positions"):
+        forward_logits(source, plan, long)

@@ -43,7 +43,7 @@ BUILT_IN = {
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
     "granite": {"GraniteForCausalLM"},
     "glm": {"Glm4ForCausalLM"},
-    "starcoder": {"Starcoder2ForCausalLM"},
+    "starcoder": {"Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "GPT2LMHeadModel"},
     "vision": {"LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration",
                "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"},
 }

@@ -122,15 +122,20 @@ class SourceModel:
         skip = set(skip)
         wanted: dict[str, str] = {}
         rows: dict[str, tuple[int, int]] = {}  # linears that are row blocks of a fused source tensor
+        transposed = set()  # weights stored [in, out]
         for lin in module.linears:
             wanted[lin.name] = lin.source + ".weight"
             if lin.bias:
                 wanted[lin.name + ".bias"] = lin.source + ".bias"
             if lin.rows is not None:
                 rows[lin.name] = rows[lin.name + ".bias"] = lin.rows
+            if lin.transposed:
+                transposed.add(lin.name)
         wanted.update(module.tensors)
         weights = {name: self.finite_tensor(key, dtype, device) for name, key in wanted.items()
                    if name not in skip}
+        for name in transposed & weights.keys():
+            weights[name] = weights[name].T.contiguous()
         for name, (start, end) in rows.items():
             if name in weights:
                 weights[name] = weights[name][start:end].contiguous()
