@@ -153,3 +153,22 @@ def convert_model(tmp_path_factory) -> Path:
     write_bpe_tokenizer(model.path, CONVERT_DIMS["vocab_size"])
     (model.path / "generation_config.json").write_text('{"bos_token_id": 1}')
     return model.path
+
+
+#: A Granite whose multipliers MiniCPM can express (its attention scale is head_dim^-½): the same model as
+#: a MiniCPM checkpoint (remote code only) after :func:`granite_as_minicpm`.
+MINICPM_AS_GRANITE = dict(embedding_multiplier=4.0, attention_multiplier=0.25, residual_multiplier=0.22,
+                          logits_scaling=8.0)
+
+
+def granite_as_minicpm(path: Path) -> None:
+    """Rewrite a saved Granite's config.json as MiniCPM's (``MiniCPMForCausalLM``, same tensor names):
+    ``scale_emb``, ``scale_depth = residual_multiplier · √layers``, ``dim_model_base = hidden / logits_scaling``."""
+    config = json.loads((path / "config.json").read_text())
+    assert config["attention_multiplier"] == (config["hidden_size"] // config["num_attention_heads"]) ** -0.5
+    config.update(architectures=["MiniCPMForCausalLM"], model_type="minicpm",
+                  scale_emb=config.pop("embedding_multiplier"),
+                  scale_depth=config.pop("residual_multiplier") * config["num_hidden_layers"] ** 0.5,
+                  dim_model_base=int(config["hidden_size"] / config.pop("logits_scaling")))
+    config.pop("attention_multiplier")
+    (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import TINY_DIMS, make_tiny_model, write_bpe_tokenizer
+from conftest import MINICPM_AS_GRANITE, TINY_DIMS, granite_as_minicpm, make_tiny_model, write_bpe_tokenizer
 from exl2core.cli import main
 from exl2core.model.exl2_weights import open_model
 from exl2core.quant.pack import QUANT_SUFFIXES, dequantize
@@ -59,6 +59,8 @@ TEXT_MODELS = {
     # learned positions, c_attn split by rows (GPT-2: Conv1D weights, transposed); names from exllamav2's keymaps
     "gpt2": ("gpt2", GPT, []),
     "gpt_bigcode": ("gpt_bigcode", dict(GPT, num_key_value_heads=1, multi_query=True), []),
+    # remote code only: a Granite rewritten in MiniCPM's published layout (REMOTE_CODE)
+    "minicpm": ("granite", MINICPM_AS_GRANITE, []),
     # multipliers: o_proj, down_proj and the head load with a prescale
     "granite": ("granite", dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
                                 logits_scaling=8.0), []),
@@ -70,6 +72,9 @@ TEXT_MODELS = {
     "cohere": ("cohere", {}, []),
     "cohere2": ("cohere2", {}, []),
 }
+#: case → the rewrite of its transformers checkpoint into the published layout of a remote-code architecture.
+REMOTE_CODE = {"minicpm": granite_as_minicpm}
+REMOTE_ARCHITECTURES = ("MiniCPMForCausalLM",)
 VISION_MODELS = ("mistral3", "qwen2_vl", "gemma3")
 CASES = [*TEXT_MODELS, *(f"vlm-{name}" for name in VISION_MODELS)]
 #: Linears exllamav2 always loads unquantized: the MoE routers.
@@ -269,6 +274,8 @@ def source_model(root: Path, case: str) -> Path:
         return root
     model_type, overrides, _ = TEXT_MODELS[case]
     make_tiny_model(root, model_type, **{**DIMS, **overrides})
+    if case in REMOTE_CODE:
+        REMOTE_CODE[case](root)
     write_bpe_tokenizer(root, VOCAB)
     return root
 
@@ -448,6 +455,13 @@ def source_settings(source: Path) -> dict[str, float]:
     source checkpoint."""
     from transformers import AutoConfig
 
+    raw = json.loads((source / "config.json").read_text())
+    if raw["architectures"][0] in REMOTE_ARCHITECTURES:  # transformers cannot read it: config.json as published
+        return {"hidden_size": raw["hidden_size"], "num_hidden_layers": raw["num_hidden_layers"],
+                "num_attention_heads": raw["num_attention_heads"],
+                "num_key_value_heads": raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                "head_dim": raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
+                "vocab_size": raw["vocab_size"]}
     text = AutoConfig.from_pretrained(source).get_text_config()
     settings = {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
                 "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,

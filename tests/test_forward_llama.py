@@ -352,3 +352,20 @@ def test_gpt2_original_layout_and_positions(tiny_model, tmp_path):
     long = torch.zeros(1, 257, dtype=torch.long)  # TINY_DIMS: 256 positions
     with pytest.raises(Exl2Error, match="exceed the model's 256 learned positions"):
         forward_logits(source, plan, long)
+
+
+def test_minicpm_is_granite_under_other_keys(tiny_model, tmp_path):
+    """MiniCPM (remote code only) is the Granite forward with scale_emb, scale_depth / √layers and
+    hidden / dim_model_base: a tiny Granite rewritten as a MiniCPM checkpoint gives transformers' logits."""
+    from conftest import MINICPM_AS_GRANITE, granite_as_minicpm
+
+    model = tiny_model("granite", **MINICPM_AS_GRANITE)
+    for f in model.path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    granite_as_minicpm(tmp_path)
+    source = SourceModel(tmp_path)
+    plan = resolve_plan(source.config, tensor_names=source.keys())
+    assert plan.architecture == "MiniCPMForCausalLM" and plan.modules[0].scale == 4.0
+    assert plan.head.logit_scale == 1 / 8 and plan.modules[1].residual_scale == pytest.approx(0.22)
+    ids = model.random_ids()
+    assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4

@@ -41,7 +41,7 @@ BUILT_IN = {
     "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM"},
     "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
-    "granite": {"GraniteForCausalLM"},
+    "granite": {"GraniteForCausalLM", "MiniCPMForCausalLM"},
     "glm": {"Glm4ForCausalLM"},
     "starcoder": {"Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "GPT2LMHeadModel"},
     "vision": {"LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration",

@@ -1,4 +1,5 @@
-"""Granite (v3 dense, ``GraniteForCausalLM``): Llama with four multipliers from config.json.
+"""Granite (v3 dense, ``GraniteForCausalLM``) and MiniCPM (``MiniCPMForCausalLM``, remote code): Llama
+with multipliers from config.json.
 
 transformers multiplies the embeddings by ``embedding_multiplier``, scales attention scores by
 ``attention_multiplier`` (instead of ``head_dim^−½``), adds each sub-block's output to the residual stream
@@ -7,6 +8,10 @@ keys (exl2-format §9.5): the embedding scale, the attention scale, and the resi
 ``1 / logits_scaling`` as prescales of o_proj, down_proj and the head. Three are fields of the core's
 kinds; the residual multiplier is this plugin's own module kinds (:class:`GraniteAttention`,
 :class:`GraniteMlp`), whose forwards scale o_proj / down_proj by it, as exllamav2's prescale does.
+
+MiniCPM (1 and 2) is the same model under other keys, which exllamav2 reads too: the embeddings times
+``scale_emb``, the residual multiplier ``scale_depth / √layers``, the logits divided by
+``hidden_size / dim_model_base``, and the usual attention scale.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from exl2core.modules.linear import Capture
 from exl2core.modules.mlp import mlp_forward
 from exl2core.plan import AttentionModule, MlpModule, ModelPlan
 
-ARCHITECTURES = ("GraniteForCausalLM", "granite")
+ARCHITECTURES = ("GraniteForCausalLM", "granite", "MiniCPMForCausalLM", "minicpm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,15 +93,29 @@ def granite_spec(config: ModelConfig) -> DecoderSpec:
                        logit_scale=1.0 / _multiplier(config, "logits_scaling"), **config_biases(config))
 
 
+def minicpm_spec(config: ModelConfig) -> DecoderSpec:
+    act = config.get("hidden_act", default="silu")
+    if act != "silu":
+        raise Exl2Error(f"{config.architecture}: hidden_act '{act}' is not supported (MiniCPM uses silu)")
+    base = _multiplier(config, "dim_model_base") if config.get("dim_model_base") else config.hidden_size
+    return DecoderSpec(embed_scale=_multiplier(config, "scale_emb"), logit_scale=base / config.hidden_size,
+                       **config_biases(config))
+
+
 def granite_plan(config: ModelConfig, architecture: str) -> ModelPlan:
-    residual = _multiplier(config, "residual_multiplier")
+    minicpm = architecture in ("MiniCPMForCausalLM", "minicpm")
+    if minicpm:
+        depth = config.get("scale_depth")
+        residual = float(depth) / config.num_layers ** 0.5 if depth else 1.0
+    else:
+        residual = _multiplier(config, "residual_multiplier")
 
     def layer(c: ModelConfig, spec: DecoderSpec, i: int):
         attn, mlp = attention_module(c, spec, i), mlp_module(c, spec, i)
         return (GraniteAttention(**_fields(attn), residual_scale=residual),
                 GraniteMlp(**_fields(mlp), residual_scale=residual))
 
-    return decoder_plan(config, architecture, granite_spec(config), layer)
+    return decoder_plan(config, architecture, minicpm_spec(config) if minicpm else granite_spec(config), layer)
 
 
 def _fields(module) -> dict:
