@@ -172,3 +172,20 @@ def granite_as_minicpm(path: Path) -> None:
                   dim_model_base=int(config["hidden_size"] / config.pop("logits_scaling")))
     config.pop("attention_multiplier")
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+#: A StableLM that is Orion (Llama with LayerNorms, weight and bias): full rotary, no q/k/v bias.
+ORION_AS_STABLELM = dict(partial_rotary_factor=1.0, use_qkv_bias=False, layer_norm_eps=1e-5)
+
+
+def stablelm_as_orion(path: Path) -> None:
+    """Rewrite a saved StableLM (``ORION_AS_STABLELM``) config.json as Orion's (remote code, same tensor
+    names), which reads the LayerNorm epsilon from ``rms_norm_eps``."""
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    assert rope["partial_rotary_factor"] == 1.0 and rope["rope_type"] == "default" and not config["use_qkv_bias"]
+    config.update(architectures=["OrionForCausalLM"], model_type="orion", rms_norm_eps=config.pop("layer_norm_eps"),
+                  rope_theta=rope["rope_theta"], rope_scaling=None)
+    for key in ("use_qkv_bias", "qk_layernorm", "use_parallel_residual"):
+        config.pop(key, None)
+    (path / "config.json").write_text(json.dumps(config, indent=2))

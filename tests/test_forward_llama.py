@@ -369,3 +369,20 @@ def test_minicpm_is_granite_under_other_keys(tiny_model, tmp_path):
     assert plan.head.logit_scale == 1 / 8 and plan.modules[1].residual_scale == pytest.approx(0.22)
     ids = model.random_ids()
     assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4
+
+
+def test_orion_is_a_stablelm_without_partial_rotary(tiny_model, tmp_path):
+    """Orion (remote code only) is Llama with LayerNorms: a tiny StableLM with full rotary and no q/k/v bias,
+    rewritten as an Orion checkpoint, gives transformers' StableLM logits."""
+    from conftest import ORION_AS_STABLELM, stablelm_as_orion
+
+    model = tiny_model("stablelm", **ORION_AS_STABLELM)
+    for f in model.path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    stablelm_as_orion(tmp_path)
+    source = SourceModel(tmp_path)
+    plan = resolve_plan(source.config, tensor_names=source.keys())
+    assert plan.architecture == "OrionForCausalLM" and plan.modules[1].norm.kind == "layer"
+    assert plan.modules[1].tensors["input_norm.bias"] == "model.layers.0.input_layernorm.bias"
+    ids = model.random_ids()
+    assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4

@@ -1,10 +1,11 @@
-"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense), Phi-3.
+"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense), Phi-3, Orion.
 
 All are the plain pre-norm decoder (RMSNorm, NeoX RoPE, SiLU-gated MLP); they differ in which
 projections carry a bias, and Qwen3 normalises every head of q and k (``self_attn.q_norm`` / ``k_norm``,
 RMSNorm of width ``head_dim``, before RoPE), with a ``head_dim`` that config.json sets apart from
 ``hidden_size / heads``. Phi-3 (and Phi-4) stores q/k/v and gate/up fused, which the plan splits into
-the separate linears exllamav2 reads. Sliding windows come from the config.
+the separate linears exllamav2 reads. Orion (remote code) normalises with LayerNorms. Sliding windows
+come from the config.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _phi3(config: ModelConfig) -> DecoderSpec:
     return DecoderSpec(fused_qkv="qkv_proj", fused_gate_up="gate_up_proj")
 
 
+def _orion(config: ModelConfig) -> DecoderSpec:
+    """Orion (remote code): Llama with LayerNorms (weight and bias) for its norms."""
+    return DecoderSpec(norm="layer", norm_bias=True, **config_biases(config))
+
+
 #: architectures / model_type → the decoder it is.
 ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
     "LlamaForCausalLM": _llama,
@@ -52,11 +58,13 @@ ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
     "Phi3ForCausalLM": _phi3,
+    "OrionForCausalLM": _orion,
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "phi3": _phi3,
+    "orion": _orion,
 }
 
 
