@@ -30,7 +30,8 @@ class Linear:
     tensor prefix (differs for tied heads). Linears of one module with the same ``input`` read the
     same activation and share one Hessian. ``rows`` ``(start, end)``: the linear is those output rows of
     a fused source tensor (Phi-3's ``qkv_proj``, ``gate_up_proj``; its bias too), written to the output as
-    a linear of its own, as exllamav2 reads it. ``transposed``: the source stores the weight ``[in, out]``
+    a linear of its own, as exllamav2 reads it; a tuple of such ranges takes them in order and
+    concatenates them (InternLM2's ``wqkv``, packed per key/value head). ``transposed``: the source stores the weight ``[in, out]``
     (GPT-2's Conv1D); it is transposed when read, before ``rows`` are taken.
     """
 
@@ -42,8 +43,14 @@ class Linear:
     out_features: int
     bias: bool
     input: str
-    rows: tuple[int, int] | None = None
+    rows: tuple[int, int] | tuple[tuple[int, int], ...] | None = None
     transposed: bool = False
+
+    def row_ranges(self) -> tuple[tuple[int, int], ...]:
+        """``rows`` as a tuple of ``(start, end)`` ranges (empty: the whole source tensor)."""
+        if self.rows is None:
+            return ()
+        return self.rows if isinstance(self.rows[0], tuple) else (self.rows,)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         """The dataclass repr, naming ``rows`` and ``transposed`` only when set (so the plan digests of

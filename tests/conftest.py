@@ -189,3 +189,35 @@ def stablelm_as_orion(path: Path) -> None:
     for key in ("use_qkv_bias", "qk_layernorm", "use_parallel_residual"):
         config.pop(key, None)
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def llama_as_internlm2(path: Path) -> None:
+    """Rewrite a saved Llama as an InternLM2 checkpoint (remote code only): its names, q/k/v packed into
+    ``attention.wqkv`` per key/value head (the head's queries, its key, its value), ``bias`` for the biases."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((path / "config.json").read_text())
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config.get("head_dim") or config["hidden_size"] // heads
+    tensors = load_file(path / "model.safetensors")
+    out = {}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        q, k, v = (tensors.pop(f"{p}self_attn.{n}_proj.weight") for n in "qkv")
+        q = q.view(kv, heads // kv, d, -1)
+        out[f"{p}attention.wqkv.weight"] = torch.cat([q, k.view(kv, 1, d, -1), v.view(kv, 1, d, -1)], 1).flatten(0, 2)
+    names = {"self_attn.o_proj": "attention.wo", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "feed_forward.w1",
+             "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+             "model.embed_tokens": "model.tok_embeddings", "lm_head": "output"}
+    for key, t in tensors.items():
+        for llama, internlm in names.items():
+            key = key.replace(llama, internlm)
+        out[key] = t
+    save_file({k: t.contiguous() for k, t in out.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    rope = config.pop("rope_parameters", None) or {}
+    config.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False,
+                  rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=None)
+    config.pop("attention_bias", None)
+    config.pop("mlp_bias", None)
+    (path / "config.json").write_text(json.dumps(config, indent=2))

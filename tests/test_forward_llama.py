@@ -386,3 +386,22 @@ def test_orion_is_a_stablelm_without_partial_rotary(tiny_model, tmp_path):
     assert plan.modules[1].tensors["input_norm.bias"] == "model.layers.0.input_layernorm.bias"
     ids = model.random_ids()
     assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4
+
+
+def test_internlm2_is_llama_with_wqkv(tiny_model, tmp_path):
+    """InternLM2 (remote code only) is Llama with other names and q/k/v packed per key/value head: a tiny
+    Llama rewritten as an InternLM2 checkpoint gives transformers' Llama logits."""
+    from conftest import llama_as_internlm2
+
+    model = tiny_model("llama")
+    for f in model.path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    llama_as_internlm2(tmp_path)
+    source = SourceModel(tmp_path)
+    plan = resolve_plan(source.config, tensor_names=source.keys())
+    k = plan.modules[1].linear("k_proj")
+    assert (k.key, k.source, k.rows) == ("model.layers.0.self_attn.k_proj", "model.layers.0.attention.wqkv",
+                                         ((32, 48), (96, 112)))  # 2 kv heads × (2 q + k + v) × 16 rows
+    assert plan.output_name("model.tok_embeddings.weight") == "model.embed_tokens.weight"
+    ids = model.random_ids()
+    assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4

@@ -44,6 +44,7 @@ BUILT_IN = {
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
     "granite": {"GraniteForCausalLM", "MiniCPMForCausalLM"},
     "glm": {"Glm4ForCausalLM"},
+    "internlm": {"InternLM2ForCausalLM"},
     "starcoder": {"Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "GPT2LMHeadModel"},
     "vision": {"LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration",
                "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"},

@@ -121,14 +121,14 @@ class SourceModel:
         module's unquantized tensors by role. Names in ``skip`` are not read (the caller supplies them)."""
         skip = set(skip)
         wanted: dict[str, str] = {}
-        rows: dict[str, tuple[int, int]] = {}  # linears that are row blocks of a fused source tensor
+        rows: dict[str, tuple[tuple[int, int], ...]] = {}  # linears that are row blocks of a fused tensor
         transposed = set()  # weights stored [in, out]
         for lin in module.linears:
             wanted[lin.name] = lin.source + ".weight"
             if lin.bias:
                 wanted[lin.name + ".bias"] = lin.source + ".bias"
             if lin.rows is not None:
-                rows[lin.name] = rows[lin.name + ".bias"] = lin.rows
+                rows[lin.name] = rows[lin.name + ".bias"] = lin.row_ranges()
             if lin.transposed:
                 transposed.add(lin.name)
         wanted.update(module.tensors)
@@ -136,9 +136,9 @@ class SourceModel:
                    if name not in skip}
         for name in transposed & weights.keys():
             weights[name] = weights[name].T.contiguous()
-        for name, (start, end) in rows.items():
+        for name, ranges in rows.items():
             if name in weights:
-                weights[name] = weights[name][start:end].contiguous()
+                weights[name] = torch.cat([weights[name][start:end] for start, end in ranges]).contiguous()
         # Closing the shards unmaps them: pages read through an open map stay in this process's resident
         # memory, so a long conversion would otherwise hold every layer's file pages it ever read.
         self._handles.clear()
