@@ -275,7 +275,9 @@ class ModelPlan:
     (exllamav2) name of an unquantized source tensor, or None to keep it (quantized linears are named by
     ``Linear.key``); the default keeps every checkpoint name. ``output_config`` maps the source's config.json
     (a dict) to the one the compiled model gets, for a layout the loader recognises under another
-    architecture (text-only Gemma 3); None copies it.
+    architecture (text-only Gemma 3); None copies it. ``max_length`` is the longest token row the model
+    takes (learned position embeddings: GPT-2's 1024), checked against the calibration lengths before a
+    job starts; None: no limit.
     """
 
     architecture: str
@@ -287,6 +289,7 @@ class ModelPlan:
     noise_rows: tuple[int, int] = (0, 0)
     rename: Callable[[str], str | None] | None = field(default=None, repr=False, compare=False)
     output_config: Callable[[dict], dict] | None = field(default=None, repr=False, compare=False)
+    max_length: int | None = None
 
     @property
     def head(self) -> HeadModule:

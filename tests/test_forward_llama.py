@@ -405,3 +405,15 @@ def test_internlm2_is_llama_with_wqkv(tiny_model, tmp_path):
     assert plan.output_name("model.tok_embeddings.weight") == "model.embed_tokens.weight"
     ids = model.random_ids()
     assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4
+
+
+def test_gpt2_rows_longer_than_its_positions_are_refused_before_the_job(tiny_model, tmp_path, capsys):
+    """GPT-2 takes at most n_positions tokens per row: convert refuses longer calibration rows in one line."""
+    from exl2core.cli import main
+
+    model = tiny_model("gpt2", **GPT)
+    assert main(["convert", "-i", str(model.path), "-o", str(tmp_path / "job"), "-mr", "2", "-ml", "64",
+                 "-r", "2", "-l", "512", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: GPT2LMHeadModel takes rows of at most 256 tokens (its learned positions), not 512: pass -l 256 "
+        "or less")

@@ -123,6 +123,10 @@ def check_calibration(settings: Settings, plan: ModelPlan, stages: list[str],
     passes = [p for p in calibration_passes(settings, plan, stages) if p.tokens_to_read(stages)]
     if not passes:
         return
+    for p in passes:
+        if plan.max_length and p.length > plan.max_length:
+            raise Exl2Error(f"{plan.architecture} takes rows of at most {plan.max_length} tokens (its learned "
+                            f"positions), not {p.length}: pass {p.flags.split('/')[-1]} {plan.max_length} or less")
     if settings.cal_dataset:
         path = Path(settings.cal_dataset)
         if not path.is_file():

@@ -142,7 +142,9 @@ def gpt_plan(config: ModelConfig, architecture: str, tensor_names: Collection[st
     modules = tuple(_read_gpt_checkpoint(m, prefix, transposed=not bigcode) for m in modules)
     ours = [name for m in plan.modules for name in m.tensors.values()] + ["model.wpe.weight"]
     names = {gpt_source(name, prefix): name for name in ours}
-    return dataclasses.replace(plan, modules=modules, rename=names.get)
+    positions = config.get("n_positions", "max_position_embeddings")
+    return dataclasses.replace(plan, modules=modules, rename=names.get,
+                               max_length=int(positions) if positions else None)
 
 
 @hookimpl
