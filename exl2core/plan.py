@@ -32,7 +32,9 @@ class Linear:
     a fused source tensor (Phi-3's ``qkv_proj``, ``gate_up_proj``; its bias too), written to the output as
     a linear of its own, as exllamav2 reads it; a tuple of such ranges takes them in order and
     concatenates them (InternLM2's ``wqkv``, packed per key/value head). ``transposed``: the source stores the weight ``[in, out]``
-    (GPT-2's Conv1D); it is transposed when read, before ``rows`` are taken.
+    (GPT-2's Conv1D); it is transposed when read, before ``rows`` are taken. ``normalized``: the model uses
+    the weight with each row scaled to unit L2 norm (Index's ``norm_head``); it is read so, and so quantized
+    and written, since exllamav2 normalises only an unquantized head.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Linear:
     input: str
     rows: tuple[int, int] | tuple[tuple[int, int], ...] | None = None
     transposed: bool = False
+    normalized: bool = False
 
     def row_ranges(self) -> tuple[tuple[int, int], ...]:
         """``rows`` as a tuple of ``(start, end)`` ranges (empty: the whole source tensor)."""
@@ -53,9 +56,9 @@ class Linear:
         return self.rows if isinstance(self.rows[0], tuple) else (self.rows,)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        """The dataclass repr, naming ``rows`` and ``transposed`` only when set (so the plan digests of
-        plans without them stay what they were)."""
-        optional = {"rows": None, "transposed": False}
+        """The dataclass repr, naming ``rows``, ``transposed`` and ``normalized`` only when set (so the plan
+        digests of plans without them stay what they were)."""
+        optional = {"rows": None, "transposed": False, "normalized": False}
         shown = (f for f in fields(self) if f.name not in optional or getattr(self, f.name) != optional[f.name])
         return f"Linear({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 

@@ -221,3 +221,10 @@ def llama_as_internlm2(path: Path) -> None:
     config.pop("attention_bias", None)
     config.pop("mlp_bias", None)
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def llama_as_index(path: Path) -> None:
+    """Rewrite a saved Llama's config.json as Index's (remote code only: Llama names, ``norm_head``)."""
+    config = json.loads((path / "config.json").read_text())
+    config.update(architectures=["IndexForCausalLM"], model_type="index", norm_head=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))

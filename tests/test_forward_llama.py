@@ -417,3 +417,26 @@ def test_gpt2_rows_longer_than_its_positions_are_refused_before_the_job(tiny_mod
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: GPT2LMHeadModel takes rows of at most 256 tokens (its learned positions), not 512: pass -l 256 "
         "or less")
+
+
+def test_index_normalizes_its_head(tiny_model, tmp_path):
+    """Index (remote code only) is Llama whose head rows are scaled to unit norm (norm_head): a tiny Llama
+    rewritten as an Index checkpoint gives the logits of that Llama with its head normalized."""
+    import copy
+
+    from conftest import llama_as_index
+
+    model = tiny_model("llama")
+    for f in model.path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    llama_as_index(tmp_path)
+    source = SourceModel(tmp_path)
+    plan = resolve_plan(source.config, tensor_names=source.keys())
+    assert plan.head.linears[0].normalized and not plan.modules[1].linears[0].normalized
+    reference = copy.deepcopy(model.hf)
+    with torch.no_grad():
+        reference.lm_head.weight.copy_(F.normalize(reference.lm_head.weight, dim=1))
+        ids = model.random_ids()
+        expected = reference(input_ids=ids).logits.float()
+    assert (forward_logits(source, plan, ids) - expected).abs().max().item() <= 1e-4
+    assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() > 1e-2

@@ -38,7 +38,7 @@ EXAMPLE_ARCHITECTURES = ["YiForCausalLM", "Yi"]
 #: Architectures each built-in plugin must list (it may list more, e.g. model_type aliases).
 BUILT_IN = {
     "llama": {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-              "OrionForCausalLM"},
+              "OrionForCausalLM", "IndexForCausalLM"},
     "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM"},
     "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},

@@ -123,6 +123,7 @@ class SourceModel:
         wanted: dict[str, str] = {}
         rows: dict[str, tuple[tuple[int, int], ...]] = {}  # linears that are row blocks of a fused tensor
         transposed = set()  # weights stored [in, out]
+        normalized = {lin.name for lin in module.linears if lin.normalized}  # rows scaled to unit norm
         for lin in module.linears:
             wanted[lin.name] = lin.source + ".weight"
             if lin.bias:
@@ -139,6 +140,9 @@ class SourceModel:
         for name, ranges in rows.items():
             if name in weights:
                 weights[name] = torch.cat([weights[name][start:end] for start, end in ranges]).contiguous()
+        for name in normalized & weights.keys():
+            w = weights[name]
+            weights[name] = torch.nn.functional.normalize(w.float(), dim=1).to(w.dtype)
         # Closing the shards unmaps them: pages read through an open map stay in this process's resident
         # memory, so a long conversion would otherwise hold every layer's file pages it ever read.
         self._handles.clear()

@@ -1,15 +1,17 @@
-"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense), Phi-3, Orion.
+"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense), Phi-3, Orion, Index.
 
 All are the plain pre-norm decoder (RMSNorm, NeoX RoPE, SiLU-gated MLP); they differ in which
 projections carry a bias, and Qwen3 normalises every head of q and k (``self_attn.q_norm`` / ``k_norm``,
 RMSNorm of width ``head_dim``, before RoPE), with a ``head_dim`` that config.json sets apart from
 ``hidden_size / heads``. Phi-3 (and Phi-4) stores q/k/v and gate/up fused, which the plan splits into
-the separate linears exllamav2 reads. Orion (remote code) normalises with LayerNorms. Sliding windows
+the separate linears exllamav2 reads. Orion (remote code) normalises with LayerNorms; Index (remote code)
+is Llama whose head rows are scaled to unit norm (``norm_head``), which the plan quantizes so. Sliding windows
 come from the config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from exl2core import hookimpl
@@ -59,12 +61,14 @@ ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
     "Qwen3ForCausalLM": _qwen3,
     "Phi3ForCausalLM": _phi3,
     "OrionForCausalLM": _orion,
+    "IndexForCausalLM": _llama,
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "phi3": _phi3,
     "orion": _orion,
+    "index": _llama,
 }
 
 
@@ -73,9 +77,24 @@ def exl2_architectures() -> list[str]:
     return list(ARCHITECTURES)
 
 
+def _normalized_head(plan: ModelPlan) -> ModelPlan:
+    """Index with ``norm_head``: the head's rows scaled to unit norm before use (and before quantization)."""
+    if not plan.config.get("norm_head"):
+        return plan
+    head = plan.head
+    lm_head = dataclasses.replace(head.linears[0], normalized=True)
+    return dataclasses.replace(plan, modules=plan.modules[:-1] + (dataclasses.replace(head, linears=(lm_head,)),))
+
+
+#: architectures / model_type → what the plan gains beyond the decoder.
+PLAN_CHANGES: dict[str, Callable[[ModelPlan], ModelPlan]] = {"IndexForCausalLM": _normalized_head,
+                                                             "index": _normalized_head}
+
+
 @hookimpl
 def exl2_model_plan(config: ModelConfig, architecture: str) -> ModelPlan | None:
     spec = ARCHITECTURES.get(architecture)
     if spec is None:
         return None
-    return dense_decoder_plan(config, architecture, spec(config))
+    plan = dense_decoder_plan(config, architecture, spec(config))
+    return PLAN_CHANGES.get(architecture, lambda p: p)(plan)
