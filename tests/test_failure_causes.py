@@ -51,7 +51,9 @@ def test_nan_in_a_source_weight_is_named_and_the_fixed_model_resumes(convert_mod
 
     model = edited_model(convert_model, tmp_path / "model", poison)
     work = tmp_path / "job"
-    assert convert(model, work) == 1
+    # Exact measurement, whose module loop reaches the damaged block (fast's sensitivity pass reads every
+    # weight before the loop starts).
+    assert convert(model, work, "--measure", "exact") == 1
     (shard,) = model.glob("*.safetensors")
     assert error_line(capsys.readouterr().err) == (
         f"error: {shard.name}: source tensor 'model.layers.1.mlp.up_proj.weight' holds 2 non-finite values "
@@ -61,31 +63,34 @@ def test_nan_in_a_source_weight_is_named_and_the_fixed_model_resumes(convert_mod
     assert state["progress"] == "measure" and state["last_module_idx"] == attn
     assert (work / state["hidden_states"]).is_file() and "model.layers.0.mlp" in state["measurement"]
     shutil.copyfile(next(convert_model.glob("*.safetensors")), shard)  # the user repairs the checkpoint
-    assert convert(model, work) == 0
+    assert convert(model, work, "--measure", "exact") == 0
     assert job_state(work)["progress"] == "finished"
 
 
+@pytest.mark.parametrize("measure", ["exact", "fast"])
 def test_overflowing_activations_are_attributed_to_the_block_that_produces_them(convert_model, tmp_path,
-                                                                                capsys):
-    """Finite but huge gate and up weights: their product overflows float32 at the input of down_proj."""
+                                                                                capsys, measure):
+    """Finite but huge gate and up weights: their product overflows float32 at the input of down_proj,
+    found by the exact measurement's module loop or by the fast one's sensitivity pass, which runs first."""
     def blow_up(t):
         for name in ("gate_proj", "up_proj"):
             t[f"model.layers.1.mlp.{name}.weight"] *= 1e20
 
     model = edited_model(convert_model, tmp_path / "model", blow_up)
-    assert convert(model, tmp_path / "job") == 1
+    assert convert(model, tmp_path / "job", "--measure", measure) == 1
     assert error_line(capsys.readouterr().err) == (
         "error: model.layers.1.mlp: non-finite activations in calibration row 0, first at the input of "
         "down_proj (the source model overflows in torch.float32; its weights are finite, so this block is "
         "where the activations blow up)")
-    assert job_state(tmp_path / "job")["last_module_idx"] == module_index(model, "model.layers.1.self_attn")
+    if measure == "exact":  # the blocks before it stay measured
+        assert job_state(tmp_path / "job")["last_module_idx"] == module_index(model, "model.layers.1.self_attn")
 
 
 def test_a_damaged_hidden_state_checkpoint_is_not_blamed_on_the_next_block(convert_model, tmp_path, capsys,
                                                                            monkeypatch):
     work = tmp_path / "job"
-    interrupt_after(monkeypatch, convert_module, "measure_module", 2)  # at the third block
-    assert convert(convert_model, work) == 130
+    interrupt_after(monkeypatch, convert_module, "measure_module", 2)  # at the third block (exact measurement)
+    assert convert(convert_model, work, "--measure", "exact") == 130
     monkeypatch.undo()
     state = job_state(work)
     assert state["last_module_idx"] == module_index(convert_model, "model.layers.0.mlp")
@@ -93,7 +98,7 @@ def test_a_damaged_hidden_state_checkpoint_is_not_blamed_on_the_next_block(conve
     hidden = load_file(str(held))
     hidden["hidden"][0, 3, 7] = float("nan")
     save_file(hidden, str(held))
-    assert convert(convert_model, work) == 1
+    assert convert(convert_model, work, "--measure", "exact") == 1
     assert error_line(capsys.readouterr().err) == (
         "error: model.layers.1.self_attn: non-finite activations in calibration row 0: its input hidden states "
         "are already non-finite (a damaged hidden-state checkpoint?); rerun with -nr to start over")

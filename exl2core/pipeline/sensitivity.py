@@ -30,7 +30,9 @@ from exl2core.errors import Exl2Error
 from exl2core.modules.forward import module_forward
 from exl2core.modules.linear import observe_linear_outputs
 from exl2core.plan import ModelPlan, Module, Slot
+from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import load_tensors, save_tensors
+from exl2core.pipeline.runner import non_finite_origin
 
 #: Calibration tokens the sensitivity pass reads at most.
 SENSITIVITY_TOKENS = 8192
@@ -131,7 +133,11 @@ def _forward(modules: list[Module], weights_of, ids: torch.Tensor, device, last:
             module = modules[i]
             weights = weights_of(module)
             fwd = module_forward(module)
-            rows = [fwd(module, weights, row, None) for row in rows]
+            inputs, rows = rows, [fwd(module, weights, row, None) for row in rows]
+            for r, row in enumerate(rows):
+                if not torch.isfinite(row.sum(dtype=torch.float32)) and not bool(torch.isfinite(row).all()):
+                    held = HiddenStates([x.squeeze(0) for x in inputs], device)
+                    raise Exl2Error(non_finite_origin(fwd, module, weights, held, r))
             states[i + 1] = [row.cpu() for row in rows]
             del weights
             if on_module:
