@@ -40,12 +40,13 @@ from exl2core.model.exl2_weights import open_model  # noqa: E402
 
 #: Mode name → the ``exl2 convert`` arguments of its measurement. ``fast`` weights each slot's predicted KL
 #: by the Fisher sensitivity alone (the method before ``--sensitivity``), ``fast-marginal`` scales it by the
-#: slot's measured marginal KL.
+#: slot's measured marginal KL, ``fast-isolated`` by the KL of the slot's error alone.
 MODES = {
     "exact": ["--measure", "exact"],
     "hessian": ["--measure", "hessian", "--sensitivity", "fisher"],
     "fast": ["--measure", "fast", "--sensitivity", "fisher"],
     "fast-marginal": ["--measure", "fast", "--sensitivity", "marginal"],
+    "fast-isolated": ["--measure", "fast", "--sensitivity", "isolated"],
 }
 
 

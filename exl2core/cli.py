@@ -54,15 +54,15 @@ def _add_convert(sub) -> None:
                    help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
                         "moved between the setting's widths and group sizes where GPTQ's error model gains, same "
                         "size (lower block errors, but a higher whole-model KL on SmolLM2: bench/RESULTS.md)")
-    p.add_argument("--measure", default="exact", metavar="{exact,fast,hessian}",
-                   help="exact (default): one block forward per candidate, as exllamav2; fast: GPTQ's expected "
-                        "error, no quantization or forward per candidate (4-9x faster); hessian: GPTQ per "
-                        "candidate scored on its Hessian; fast and hessian allocate bits by the KL predicted "
-                        "from the model's output sensitivity")
-    p.add_argument("--sensitivity", default="marginal", metavar="{marginal,fisher}",
-                   help="how fast and hessian measurement weight a slot's predicted KL: marginal (default): the "
-                        "Fisher prediction scaled by the slot's measured marginal KL in a quantized model; "
-                        "fisher: the Fisher prediction alone")
+    p.add_argument("--measure", default="fast", metavar="{fast,exact,hessian}",
+                   help="fast (default): GPTQ's expected error of each candidate, no quantization or forward per "
+                        "candidate, bits allocated by the KL predicted from the model's output sensitivity; exact: "
+                        "one block forward per candidate, as exllamav2, bits allocated by the sum of squared "
+                        "errors; hessian: GPTQ per candidate scored on its Hessian, allocated as fast")
+    p.add_argument("--sensitivity", default="isolated", metavar="{isolated,marginal,fisher}",
+                   help="how fast and hessian measurement weight a slot's predicted KL: isolated (default): the "
+                        "Fisher prediction scaled by the measured KL of the slot's error alone; marginal: by what "
+                        "it adds to the KL of a model with every slot quantized; fisher: the Fisher prediction alone")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")

@@ -62,10 +62,10 @@ class Settings:
     # Jobs from before the scale-search setting quantized with exllamav2's search.
     scale_search: str = field(default="hessian", metadata=_stage("measure", legacy="exllamav2"))
     # ``measure.MEASURE_MODES``; jobs from before the option measured exactly.
-    measure: str = field(default="exact", metadata=_stage("measure", legacy="exact"))
+    measure: str = field(default="fast", metadata=_stage("measure", legacy="exact"))
     # ``marginal.SENSITIVITY_MODES`` (fast and hessian measurement); jobs from before the option used the
     # Fisher prediction alone.
-    sensitivity: str = field(default="marginal", metadata=_stage("measure", legacy="fisher"))
+    sensitivity: str = field(default="isolated", metadata=_stage("measure", legacy="fisher"))
     # How the quantization pass fits each linear and lays out its groups (pipeline.quantize); jobs from
     # before these settings used exllamav2's local fit and the table layout.
     fit: str = field(default="asymmetric", metadata=_stage("quant", legacy="local"))

@@ -34,9 +34,9 @@ from exl2core.pipeline.sensitivity import HEAD_CHUNK, Sensitivity
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.qparams import TABLES, QParams, table_setting
 
-#: How a predicted KL is weighted (``--sensitivity``): ``marginal`` and ``isolated`` scale each slot's Fisher
+#: How a predicted KL is weighted (``--sensitivity``): ``isolated`` and ``marginal`` scale each slot's Fisher
 #: prediction by its measured KL (this module); ``fisher`` uses the Fisher prediction alone.
-SENSITIVITY_MODES = ("marginal", "isolated", "fisher")
+SENSITIVITY_MODES = ("isolated", "marginal", "fisher")
 #: The bits per weight of the reference setting each slot is quantized with.
 REFERENCE_BPW = 3.0
 #: Calibration tokens the pass reads at most.
