@@ -354,17 +354,23 @@ def test_gpt2_original_layout_and_positions(tiny_model, tmp_path):
         forward_logits(source, plan, long)
 
 
+def _rewritten(model, directory, rewrite):
+    """A copy of ``model``'s checkpoint in ``directory``, rewritten into a remote-code layout by ``rewrite``,
+    and its source and plan."""
+    for f in model.path.iterdir():
+        (directory / f.name).write_bytes(f.read_bytes())
+    rewrite(directory)
+    source = SourceModel(directory)
+    return source, resolve_plan(source.config, tensor_names=source.keys())
+
+
 def test_minicpm_is_granite_under_other_keys(tiny_model, tmp_path):
     """MiniCPM (remote code only) is the Granite forward with scale_emb, scale_depth / √layers and
     hidden / dim_model_base: a tiny Granite rewritten as a MiniCPM checkpoint gives transformers' logits."""
     from conftest import MINICPM_AS_GRANITE, granite_as_minicpm
 
     model = tiny_model("granite", **MINICPM_AS_GRANITE)
-    for f in model.path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    granite_as_minicpm(tmp_path)
-    source = SourceModel(tmp_path)
-    plan = resolve_plan(source.config, tensor_names=source.keys())
+    source, plan = _rewritten(model, tmp_path, granite_as_minicpm)
     assert plan.architecture == "MiniCPMForCausalLM" and plan.modules[0].scale == 4.0
     assert plan.head.logit_scale == 1 / 8 and plan.modules[1].residual_scale == pytest.approx(0.22)
     ids = model.random_ids()
@@ -377,11 +383,7 @@ def test_orion_is_a_stablelm_without_partial_rotary(tiny_model, tmp_path):
     from conftest import ORION_AS_STABLELM, stablelm_as_orion
 
     model = tiny_model("stablelm", **ORION_AS_STABLELM)
-    for f in model.path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    stablelm_as_orion(tmp_path)
-    source = SourceModel(tmp_path)
-    plan = resolve_plan(source.config, tensor_names=source.keys())
+    source, plan = _rewritten(model, tmp_path, stablelm_as_orion)
     assert plan.architecture == "OrionForCausalLM" and plan.modules[1].norm.kind == "layer"
     assert plan.modules[1].tensors["input_norm.bias"] == "model.layers.0.input_layernorm.bias"
     ids = model.random_ids()
@@ -394,11 +396,7 @@ def test_internlm2_is_llama_with_wqkv(tiny_model, tmp_path):
     from conftest import llama_as_internlm2
 
     model = tiny_model("llama")
-    for f in model.path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    llama_as_internlm2(tmp_path)
-    source = SourceModel(tmp_path)
-    plan = resolve_plan(source.config, tensor_names=source.keys())
+    source, plan = _rewritten(model, tmp_path, llama_as_internlm2)
     k = plan.modules[1].linear("k_proj")
     assert (k.key, k.source, k.rows) == ("model.layers.0.self_attn.k_proj", "model.layers.0.attention.wqkv",
                                          ((32, 48), (96, 112)))  # 2 kv heads × (2 q + k + v) × 16 rows
@@ -427,11 +425,7 @@ def test_index_normalizes_its_head(tiny_model, tmp_path):
     from conftest import llama_as_index
 
     model = tiny_model("llama")
-    for f in model.path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    llama_as_index(tmp_path)
-    source = SourceModel(tmp_path)
-    plan = resolve_plan(source.config, tensor_names=source.keys())
+    source, plan = _rewritten(model, tmp_path, llama_as_index)
     assert plan.head.linears[0].normalized and not plan.modules[1].linears[0].normalized
     reference = copy.deepcopy(model.hf)
     with torch.no_grad():
