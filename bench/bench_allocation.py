@@ -4,8 +4,8 @@ by the KL predicted from each linear's output sensitivity; ``--modes`` may add `
 models and held-out text.
 
     python bench/bench_allocation.py [--models smollm2 gemma3-270m] [--bits 2.5 3.0 4.0 5.0]
-        [--modes exact fast fast-marginal] [--fit local] [-mr 4 -ml 512 -r 16 -l 512] [--eval-rows 8] [--work /tmp/bench_allocation]
-        [--append-to FILE]
+        [--modes exact fast fast-marginal fast-isolated] [--fit local] [-mr 4 -ml 512 -r 16 -l 512]
+        [--eval-rows 8] [--work /tmp/bench_allocation] [--append-to FILE]
 
 Per model: one measurement per mode (``exl2 convert -om``, timed), then for each target one quantization
 per mode reusing that measurement (``-m``) with the same quantization rows, so only the allocation differs;
@@ -234,7 +234,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 4.0, 5.0])
-    parser.add_argument("--modes", nargs="+", default=["exact", "fast-marginal"], choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["exact", "fast-isolated"], choices=list(MODES))
     parser.add_argument("--fit", default="local", help="the quantization pass's fit, the same for every mode "
                         "(local: the results recorded before the asymmetric fit became the default)")
     parser.add_argument("-mr", "--measurement-rows", type=int, default=4)

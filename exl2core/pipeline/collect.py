@@ -56,8 +56,9 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
             reference_inputs: list[dict[str, torch.Tensor]] | None = None,
             stop_after: set[str] = frozenset()) -> Collected:
     """Run ``module`` over every row, accumulating a Hessian per captured name (of the linear inputs, only
-    ``inputs`` when given; other captures, such as an MoE block's routed-token counts, always). Names in ``paired`` get the cross term with the reference stream's input to the same linear:
-    from ``reference_inputs`` (kept by an earlier pass) when given, else from running ``reference`` with
+    ``inputs`` when given; other captures, such as an MoE block's routed-token counts, always). Names in
+    ``paired`` get the cross term with the reference stream's input to the same linear: from
+    ``reference_inputs`` (kept by an earlier pass) when given, else from running ``reference`` with
     ``reference_weights``, whose outputs are then returned, as are its inputs named in ``keep``. With
     ``stop_after``, each quantized row's forward ends once all those names are captured, and no outputs
     are returned."""

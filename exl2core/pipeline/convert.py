@@ -340,7 +340,8 @@ class Converter:
             self.report.stage("Marginal KL", len(self.plan.modules))
             started = time.monotonic()
             scales = measure_marginals(self.plan, weights_of, rows, self.device, sensitivity,
-                                       isolated=self.s.sensitivity == "isolated", on_module=self.report.advance).scales()
+                                       isolated=self.s.sensitivity == "isolated",
+                                       on_module=self.report.advance).scales()
             sensitivity = replace(sensitivity, scales=scales)
             ordered = sorted(scales.values())
             self.report.log(f"marginal KL of {len(scales)} slots from {rows.shape[0]} × {rows.shape[1]} tokens in "
