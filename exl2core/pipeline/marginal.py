@@ -117,7 +117,7 @@ def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, 
                     if lin.input in hessians:
                         errors = channel_errors(quantized[name].float() - weights[name].float(),
                                                 hessians[lin.input].matrix)
-                        kl += 0.5 * (sensitivity.of(module, name).to(errors) * errors).sum().item() / tokens
+                        kl += sensitivity.predicted_kl(module, name, errors, tokens)
                 predicted[slot.key] = kl
             streams = {k: s.replaced(forward_rows(fwd, module, weights if isolated else quantized, s))
                        for k, s in streams.items()}

@@ -152,12 +152,11 @@ def _estimate_slot(module: Module, slot: Slot, weights, hessians: dict[str, Hess
     linears = slot_linears(module, slot)
     signal = math.fsum(channel_errors(weights[lin.name], hessians[lin.input].matrix).sum().item()
                        for lin in linears if lin.input in hessians)
-    grads = {lin.name: sensitivity.of(module, lin.name) for lin in linears}
     scale = sensitivity.scale(slot)
     records, kls = [], []
     for settings, per_linear in _candidates(module, slot, linear_errors):
         noise = math.fsum(errors.sum().item() for errors, _ in per_linear.values())
-        kl = math.fsum(0.5 * (grads[name].to(errors) * errors).sum().item() / max(tokens, 1)
+        kl = math.fsum(sensitivity.predicted_kl(module, name, errors, tokens)
                        for name, (errors, _) in per_linear.items())
         accuracy = max(1e-6, 1.0 - math.sqrt(noise / signal)) if signal > 0 else 1e-6
         records.append({"accuracy": accuracy, "total_bits": sum(bits for _, bits in per_linear.values()),

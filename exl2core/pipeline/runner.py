@@ -59,13 +59,18 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
                 if output not in reported:
                     raise Exl2Error(f"{module.key}: the forward did not report its slot output {output!r}")
                 y = reported.pop(output)
-            if not torch.isfinite(y.sum(dtype=torch.float32)) and not _all_finite_elements(y):
+            if not all_finite(y):
                 raise Exl2Error(non_finite_origin(fwd, module, weights, states, i))
             if reduce is not None:
                 reduce(i, y)
             else:
                 outputs.append(y.to(states.rows[i].device))
     return outputs
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of an activation is finite: one float32 sum, elementwise only if it overflowed."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or _all_finite_elements(x)
 
 
 def _all_finite_elements(x: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ from exl2core.modules.linear import observe_linear_outputs
 from exl2core.plan import ModelPlan, Module, Slot
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import load_tensors, save_tensors
-from exl2core.pipeline.runner import non_finite_origin
+from exl2core.pipeline.runner import all_finite, non_finite_origin
 
 #: Calibration tokens the sensitivity pass reads at most.
 SENSITIVITY_TOKENS = 8192
@@ -60,6 +60,11 @@ class Sensitivity:
 
     def of(self, module: Module, name: str) -> torch.Tensor:
         return self.grads[self.key(module, name)]
+
+    def predicted_kl(self, module: Module, name: str, errors: torch.Tensor, tokens: int) -> float:
+        """``½ Σ_o g_o e_o / N``: the KL per token that output errors ``e = diag(ΔW H ΔWᵀ)`` of linear
+        ``name``, summed over ``tokens`` tokens, add to second order (before any slot scale)."""
+        return 0.5 * (self.of(module, name).to(errors) * errors).sum().item() / max(tokens, 1)
 
     def scale(self, slot: Slot) -> float:
         """The factor the slot's predicted KL is multiplied by: 1 without the marginal-KL pass."""
@@ -135,7 +140,7 @@ def _forward(modules: list[Module], weights_of, ids: torch.Tensor, device, last:
             fwd = module_forward(module)
             inputs, rows = rows, [fwd(module, weights, row, None) for row in rows]
             for r, row in enumerate(rows):
-                if not torch.isfinite(row.sum(dtype=torch.float32)) and not bool(torch.isfinite(row).all()):
+                if not all_finite(row):
                     held = HiddenStates([x.squeeze(0) for x in inputs], device)
                     raise Exl2Error(non_finite_origin(fwd, module, weights, held, r))
             states[i + 1] = [row.cpu() for row in rows]
