@@ -228,3 +228,19 @@ def llama_as_index(path: Path) -> None:
     config = json.loads((path / "config.json").read_text())
     config.update(architectures=["IndexForCausalLM"], model_type="index", norm_head=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def llama_as_yi(path: Path) -> None:
+    """Rewrite a saved Llama as an original Yi checkpoint (remote code only): the norms named ``ln1`` / ``ln2``."""
+    from safetensors.torch import load_file, save_file
+
+    names = {".input_layernorm.": ".ln1.", ".post_attention_layernorm.": ".ln2."}
+    tensors = load_file(path / "model.safetensors")
+    for llama, yi in names.items():
+        tensors = {k.replace(llama, yi): t for k, t in tensors.items()}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters", None) or {}
+    config.update(architectures=["YiForCausalLM"], model_type="Yi", rope_theta=rope.get("rope_theta", 10000.0),
+                  rope_scaling=None)
+    (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import (MINICPM_AS_GRANITE, ORION_AS_STABLELM, TINY_DIMS, granite_as_minicpm, llama_as_index,
-                      llama_as_internlm2, make_tiny_model, stablelm_as_orion, write_bpe_tokenizer)
+                      llama_as_internlm2, llama_as_yi, make_tiny_model, stablelm_as_orion, write_bpe_tokenizer)
 from exl2core.cli import main
 from exl2core.model.exl2_weights import open_model
 from exl2core.quant.pack import QUANT_SUFFIXES, dequantize
@@ -64,6 +64,7 @@ TEXT_MODELS = {
     "minicpm": ("granite", MINICPM_AS_GRANITE, []),
     "orion": ("stablelm", ORION_AS_STABLELM, []),
     "internlm2": ("llama", {}, []),
+    "yi": ("llama", {}, []),  # the norms named ln1 / ln2
     "index": ("llama", {}, []),  # norm_head: the head quantized normalized, as exllamav2 reads it
     # multipliers: o_proj, down_proj and the head load with a prescale
     "granite": ("granite", dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
@@ -78,8 +79,9 @@ TEXT_MODELS = {
 }
 #: case → the rewrite of its transformers checkpoint into the published layout of a remote-code architecture.
 REMOTE_CODE = {"minicpm": granite_as_minicpm, "orion": stablelm_as_orion, "internlm2": llama_as_internlm2,
-               "index": llama_as_index}
-REMOTE_ARCHITECTURES = ("MiniCPMForCausalLM", "OrionForCausalLM", "InternLM2ForCausalLM", "IndexForCausalLM")
+               "index": llama_as_index, "yi": llama_as_yi}
+REMOTE_ARCHITECTURES = ("MiniCPMForCausalLM", "OrionForCausalLM", "InternLM2ForCausalLM", "IndexForCausalLM",
+                        "YiForCausalLM")
 VISION_MODELS = ("mistral3", "qwen2_vl", "gemma3")
 CASES = [*TEXT_MODELS, *(f"vlm-{name}" for name in VISION_MODELS)]
 #: Linears exllamav2 always loads unquantized: the MoE routers.

@@ -434,3 +434,17 @@ def test_index_normalizes_its_head(tiny_model, tmp_path):
         expected = reference(input_ids=ids).logits.float()
     assert (forward_logits(source, plan, ids) - expected).abs().max().item() <= 1e-4
     assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() > 1e-2
+
+
+def test_yi_is_llama_with_ln1_ln2(tiny_model, tmp_path):
+    """The original Yi (remote code only) is Llama with its norms named ln1 / ln2: a tiny Llama rewritten as a
+    Yi checkpoint gives transformers' Llama logits (each norm has its own weights, so a swap would show)."""
+    from conftest import llama_as_yi
+
+    model = tiny_model("llama")
+    source, plan = _rewritten(model, tmp_path, llama_as_yi)
+    assert plan.architecture == "YiForCausalLM"
+    assert (plan.modules[1].tensors["input_norm"], plan.modules[2].tensors["input_norm"]) == (
+        "model.layers.0.ln1.weight", "model.layers.0.ln2.weight")
+    ids = model.random_ids()
+    assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4

@@ -1,5 +1,5 @@
 """The plugin author's experience: `exl2 plugins`, `exl2 inspect`, and a third-party plugin
-(docs/example-plugin, Yi) installed with pip, used for a conversion and removed again.
+(docs/example-plugin, Baichuan-7B) installed with pip, used for a conversion and removed again.
 
 Plugin discovery reads the installed entry points once per process: the commands run in fresh ``exl2``
 subprocesses, and this process calls ``reload_plugins()`` after installing and after removing.
@@ -31,14 +31,14 @@ from exl2core.model.streaming import forward_logits
 from exl2core.plugins import reload_plugins, resolve_plan
 
 EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "docs" / "example-plugin"
-EXAMPLE_DIST = "exl2-yi-example"
-EXAMPLE_MODULE = "exl2_yi_example"
-EXAMPLE_ARCHITECTURES = ["YiForCausalLM", "Yi"]
+EXAMPLE_DIST = "exl2-baichuan-example"
+EXAMPLE_MODULE = "exl2_baichuan_example"
+EXAMPLE_ARCHITECTURES = ["BaiChuanForCausalLM"]
 
 #: Architectures each built-in plugin must list (it may list more, e.g. model_type aliases).
 BUILT_IN = {
     "llama": {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-              "OrionForCausalLM", "IndexForCausalLM"},
+              "OrionForCausalLM", "IndexForCausalLM", "YiForCausalLM"},
     "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM"},
     "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
@@ -50,10 +50,10 @@ BUILT_IN = {
                "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"},
 }
 
-#: A Yi (Llama with the norms named ln1 / ln2) that converts in seconds (dimensions multiples of 32).
-YI_DIMS = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-               intermediate_size=128, vocab_size=320, num_hidden_layers=1)
-YI_NAMES = {".input_layernorm.": ".ln1.", ".post_attention_layernorm.": ".ln2."}
+#: A Baichuan-7B (Llama with q/k/v stacked in W_pack, as many key/value heads as query heads) that converts in
+#: seconds (dimensions multiples of 32).
+BAICHUAN_DIMS = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+                     intermediate_size=128, vocab_size=320, num_hidden_layers=1)
 CALIBRATION = ["-mr", "2", "-ml", "64", "-r", "4", "-l", "64", "-b", "4.0", "--device", "cpu"]
 
 
@@ -167,18 +167,20 @@ def test_inspect_errors(tiny_llama, tmp_path, capsys, case, message):
 
 
 @pytest.fixture
-def yi_model(tmp_path) -> TinyModel:
-    """A tiny Llama written as a Yi checkpoint (norms renamed, ``architectures: YiForCausalLM``)."""
-    model = make_tiny_model(tmp_path / "yi", "llama", **YI_DIMS)
+def baichuan_model(tmp_path) -> TinyModel:
+    """A tiny Llama written as a Baichuan-7B checkpoint (q, k, v stacked in ``W_pack``, ``architectures:
+    BaiChuanForCausalLM``)."""
+    model = make_tiny_model(tmp_path / "baichuan", "llama", **BAICHUAN_DIMS)
     weights = model.path / "model.safetensors"
     tensors = load_file(weights)
-    for llama, yi in YI_NAMES.items():
-        tensors = {k.replace(llama, yi): t for k, t in tensors.items()}
+    for layer in range(BAICHUAN_DIMS["num_hidden_layers"]):
+        p = f"model.layers.{layer}.self_attn."
+        tensors[p + "W_pack.weight"] = torch.cat([tensors.pop(f"{p}{n}_proj.weight") for n in "qkv"])
     save_file(tensors, weights, metadata={"format": "pt"})
     config = json.loads((model.path / "config.json").read_text())
-    config.update(architectures=["YiForCausalLM"], model_type="Yi")
+    config.update(architectures=["BaiChuanForCausalLM"], model_type="baichuan")
     (model.path / "config.json").write_text(json.dumps(config))
-    write_bpe_tokenizer(model.path, YI_DIMS["vocab_size"])
+    write_bpe_tokenizer(model.path, BAICHUAN_DIMS["vocab_size"])
     return model
 
 
@@ -201,18 +203,20 @@ def example_plugin_installed(tmp_path: Path) -> Iterator[None]:
 
 
 def _check_conversion(model: TinyModel, out: Path) -> None:
-    """The compiled EXL2 model: quantized projections, the renamed norms copied exactly, the quantization
-    config, and logits (read back through the plugin) close to the source model's."""
+    """The compiled EXL2 model: q/k/v split from W_pack and quantized under the names exllamav2's Llama reads,
+    the norms copied exactly, the quantization config, and logits (read back through the plugin) close to the
+    source model's."""
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4.0
     with safe_open(str(out / "output.safetensors"), "pt") as exl2_file, \
             safe_open(str(model.path / "model.safetensors"), "pt") as source_file:
         keys = set(exl2_file.keys())
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert f"model.layers.0.self_attn.{name}.q_weight" in keys
-        for name in ("ln1", "ln2"):
+        assert not any("W_pack" in key for key in keys)
+        for name in ("input_layernorm", "post_attention_layernorm"):
             key = f"model.layers.0.{name}.weight"
             written, original = exl2_file.get_tensor(key), source_file.get_tensor(key)
-            assert written.shape == (YI_DIMS["hidden_size"],)
+            assert written.shape == (BAICHUAN_DIMS["hidden_size"],)
             assert torch.equal(written.float(), original.to(written.dtype).float())
     ids = model.random_ids(length=64)
     reference = torch.log_softmax(model.hf_logits(ids), -1)
@@ -220,28 +224,28 @@ def _check_conversion(model: TinyModel, out: Path) -> None:
     assert (reference.exp() * (reference - quantized)).sum(-1).mean().item() < 0.1
 
 
-def test_example_plugin_install_convert_uninstall(yi_model, tmp_path):
+def test_example_plugin_install_convert_uninstall(baichuan_model, tmp_path):
     with example_plugin_installed(tmp_path):
-        source, architectures = listed_plugins()["yi"]
+        source, architectures = listed_plugins()["baichuan"]
         assert source.startswith(f"{EXAMPLE_DIST} 0.1.0") and architectures == EXAMPLE_ARCHITECTURES
 
-        inspected = exl2("inspect", str(yi_model.path))
+        inspected = exl2("inspect", str(baichuan_model.path))
         assert inspected.returncode == 0, inspected.stderr
-        assert "architecture: YiForCausalLM (plugin: yi)" in inspected.stdout
-        assert re.search(r"model\.layers\.0 +attention +q_proj 64→64, k_proj 64→32", inspected.stdout)
+        assert "architecture: BaiChuanForCausalLM (plugin: baichuan)" in inspected.stdout
+        assert re.search(r"model\.layers\.0 +attention +q_proj 64→64, k_proj 64→64", inspected.stdout)
 
-        source_model = SourceModel(yi_model.path)
-        ids = yi_model.random_ids()
+        source_model = SourceModel(baichuan_model.path)
+        ids = baichuan_model.random_ids()
         ours = forward_logits(source_model, resolve_plan(source_model.config), ids)
-        assert (ours - yi_model.hf_logits(ids)).abs().max().item() <= 1e-4
+        assert (ours - baichuan_model.hf_logits(ids)).abs().max().item() <= 1e-4
 
         out = tmp_path / "exl2"
-        converted = exl2("convert", "-i", str(yi_model.path), "-o", str(tmp_path / "job"),
+        converted = exl2("convert", "-i", str(baichuan_model.path), "-o", str(tmp_path / "job"),
                          "-cf", str(out), *CALIBRATION)
         assert converted.returncode == 0, converted.stderr
-        _check_conversion(yi_model, out)
-    assert "yi" not in listed_plugins()
-    assert "no installed plugin handles architecture 'YiForCausalLM'" in the_error(
-        exl2("inspect", str(yi_model.path)))
-    with pytest.raises(Exl2Error, match="no installed plugin handles architecture 'YiForCausalLM'"):
-        resolve_plan(SourceModel(yi_model.path).config)
+        _check_conversion(baichuan_model, out)
+    assert "baichuan" not in listed_plugins()
+    assert "no installed plugin handles architecture 'BaiChuanForCausalLM'" in the_error(
+        exl2("inspect", str(baichuan_model.path)))
+    with pytest.raises(Exl2Error, match="no installed plugin handles architecture 'BaiChuanForCausalLM'"):
+        resolve_plan(SourceModel(baichuan_model.path).config)

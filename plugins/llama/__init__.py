@@ -1,12 +1,13 @@
-"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense), Phi-3, Orion, Index.
+"""Llama-family architectures: Llama, Mistral, Qwen2, Qwen3 (dense), Phi-3, Orion, Index, Yi.
 
 All are the plain pre-norm decoder (RMSNorm, NeoX RoPE, SiLU-gated MLP); they differ in which
 projections carry a bias, and Qwen3 normalises every head of q and k (``self_attn.q_norm`` / ``k_norm``,
 RMSNorm of width ``head_dim``, before RoPE), with a ``head_dim`` that config.json sets apart from
 ``hidden_size / heads``. Phi-3 (and Phi-4) stores q/k/v and gate/up fused, which the plan splits into
 the separate linears exllamav2 reads. Orion (remote code) normalises with LayerNorms; Index (remote code)
-is Llama whose head rows are scaled to unit norm (``norm_head``), which the plan quantizes so. Sliding windows
-come from the config.
+is Llama whose head rows are scaled to unit norm (``norm_head``), which the plan quantizes so. The original Yi
+(``YiForCausalLM``, remote code) is Llama with its norms named ``ln1`` / ``ln2``. Sliding windows come from the
+config.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def _orion(config: ModelConfig) -> DecoderSpec:
     return DecoderSpec(norm="layer", norm_bias=True, **config_biases(config))
 
 
+def _yi(config: ModelConfig) -> DecoderSpec:
+    """The original Yi (remote code): Llama with the norms named ``ln1`` / ``ln2``, exllamav2 0.3.2's keys."""
+    return DecoderSpec(attn_norm="ln1", mlp_norm="ln2", **config_biases(config))
+
+
 #: architectures / model_type → the decoder it is.
 ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
     "LlamaForCausalLM": _llama,
@@ -62,6 +68,7 @@ ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
     "Phi3ForCausalLM": _phi3,
     "OrionForCausalLM": _orion,
     "IndexForCausalLM": _llama,
+    "YiForCausalLM": _yi,
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _qwen2,
@@ -69,6 +76,7 @@ ARCHITECTURES: dict[str, Callable[[ModelConfig], DecoderSpec]] = {
     "phi3": _phi3,
     "orion": _orion,
     "index": _llama,
+    "Yi": _yi,
 }
 
 

@@ -1,9 +1,9 @@
 """The plugin's own test: exl2core running this plugin's plan gives the logits of the same model in
-transformers (Yi is Llama with renamed norms, so transformers runs it as Llama).
+transformers (Baichuan-7B is Llama with q/k/v fused in ``W_pack``, so transformers runs it as Llama).
 
 Run it after ``pip install -e .`` (exl2core finds plugins only through installed entry points)::
 
-    pytest test_exl2_yi_example.py
+    pytest test_exl2_baichuan_example.py
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ from exl2core.model.source import SourceModel
 from exl2core.model.streaming import forward_logits
 from exl2core.plugins import installed_plugins, resolve_plan
 
-TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+#: Baichuan-7B has as many key/value heads as query heads (W_pack is 3 × hidden rows).
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
             num_hidden_layers=2, vocab_size=320, max_position_embeddings=256)
-#: Llama's names → Yi's.
-YI_NAMES = {".input_layernorm.": ".ln1.", ".post_attention_layernorm.": ".ln2."}
 
 
-def tiny_yi(path, **overrides) -> torch.nn.Module:
-    """A random Llama saved to ``path`` as a Yi checkpoint (norms renamed, ``architectures: YiForCausalLM``);
-    returns the Llama. Weights are unit-scale and norm weights ≠ 1: transformers' own initialisation (std
-    0.02, norms = 1) gives near-uniform logits that hide most mistakes."""
+def tiny_baichuan(path, **overrides) -> torch.nn.Module:
+    """A random Llama saved to ``path`` as a Baichuan-7B checkpoint (q, k, v stacked into ``W_pack``,
+    ``architectures: BaiChuanForCausalLM``); returns the Llama. Weights are unit-scale and norm weights ≠ 1:
+    transformers' own initialisation (std 0.02, norms = 1) gives near-uniform logits that hide most mistakes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).float().eval()
@@ -43,33 +42,30 @@ def tiny_yi(path, **overrides) -> torch.nn.Module:
                 p.copy_(noise if "embed" in name else noise / math.sqrt(p.shape[-1]))
     path = Path(path)
     model.save_pretrained(path)
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        for llama, yi in YI_NAMES.items():
-            name = name.replace(llama, yi)
-        tensors[name] = t.contiguous()
+    tensors = {k: t.contiguous() for k, t in model.state_dict().items()
+               if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    for layer in range(model.config.num_hidden_layers):
+        p = f"model.layers.{layer}.self_attn."
+        tensors[p + "W_pack.weight"] = torch.cat([tensors.pop(f"{p}{n}_proj.weight") for n in "qkv"])
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
-    config.update(architectures=["YiForCausalLM"], model_type="Yi")
+    config.update(architectures=["BaiChuanForCausalLM"], model_type="baichuan")
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return model
 
 
 def test_plugin_is_installed():
     served = {arch for p in installed_plugins() for arch in p.architectures}
-    assert "YiForCausalLM" in served, "install the plugin first: pip install -e ."
+    assert "BaiChuanForCausalLM" in served, "install the plugin first: pip install -e ."
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True}, {"attention_bias": True}],
-                         ids=["plain", "tied-head", "attention-bias"])
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True}], ids=["plain", "tied-head"])
 def test_logits_match_transformers(tmp_path, overrides):
-    model = tiny_yi(tmp_path, **overrides)
+    model = tiny_baichuan(tmp_path, **overrides)
     source = SourceModel(tmp_path)
     plan = resolve_plan(source.config)
-    assert plan.modules[1].tensors["input_norm"] == "model.layers.0.ln1.weight"
-    assert plan.modules[2].tensors["input_norm"] == "model.layers.0.ln2.weight"
+    k = plan.modules[1].linear("k_proj")
+    assert (k.source, k.rows) == ("model.layers.0.self_attn.W_pack", (64, 128))
     ids = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = model(input_ids=ids).logits.float()
