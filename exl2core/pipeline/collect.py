@@ -69,6 +69,7 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
     hessians: dict[str, Hessian] = {}
     ref_inputs: dict[str, torch.Tensor] = {}
     pending: set[str] = set()
+    current = 0
 
     linear_inputs = {lin.input for lin in module.linears}
 
@@ -85,7 +86,7 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
         if name not in hessians:
             hessians[name] = Hessian(x.shape[-1], x.device, asymmetric=name in paired)
         ref = ref_inputs.get(name)
-        hessians[name].add(x, None if ref is None else ref.to(x.device))
+        hessians[name].add(x, None if ref is None else ref.to(x.device), row=current)
         if stop_after:
             pending.discard(name)
             if not pending:
@@ -96,6 +97,7 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
     kept = [] if run_reference and keep else None
     with torch.inference_mode():
         for i in range(len(states)):
+            current = i
             ref_inputs.clear()
             if reference_inputs is not None:
                 ref_inputs.update(reference_inputs[i])

@@ -171,7 +171,7 @@ def head_hessians(module: Module, states: HiddenStates, reference: HiddenStates 
     hessian = Hessian(lin.in_features, states.device, asymmetric=reference is not None)
     with torch.inference_mode():
         for i in range(len(states)):
-            hessian.add(states.row(i), None if reference is None else reference.row(i))
+            hessian.add(states.row(i), None if reference is None else reference.row(i), row=i)
     return {lin.input: hessian}
 
 

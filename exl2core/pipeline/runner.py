@@ -41,6 +41,7 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
     if output is not None and output not in slot_outputs:
         raise ValueError(f"{module.key} has no slot output {output!r}")
     reported: dict[str, torch.Tensor] = {}
+    current = 0
 
     def capture(name: str, x: torch.Tensor) -> None:
         if name in slot_outputs:
@@ -48,12 +49,13 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
         elif hessians is not None:
             if name not in hessians:
                 hessians[name] = Hessian(x.shape[-1], x.device)
-            hessians[name].add(x)
+            hessians[name].add(x, row=current)
 
     listen = hessians is not None or output is not None
     outputs = []
     with torch.inference_mode():
         for i in range(len(states) if rows is None else min(rows, len(states))):
+            current = i
             y = fwd(module, weights, states.row(i), capture if listen else None)
             if output is not None:
                 if output not in reported:

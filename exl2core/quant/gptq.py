@@ -20,6 +20,7 @@ from exl2core.quant.layout import choose_layout
 from exl2core.quant.pack import group_scales, make_q_groups, pack_scales
 from exl2core.quant.qparams import LAYOUTS, SCALE_SEARCHES, QParams, pad32
 from exl2core.quant.rounding import SEARCH_CHUNK_ELEMS, quantize_rows, zero_safe
+from exl2core.quant.treesum import LEAF_ROWS, Node, TreeSum, tree_total
 
 PERCDAMP = 0.12
 DAMP_ATTEMPTS = 10
@@ -45,6 +46,17 @@ class PreparedHessian:
     cross: torch.Tensor | None = None  # permuted mean ``Xᵀ(X̃ − X)`` of an asymmetric Hessian, else None
 
 
+@dataclass
+class HessianParts:
+    """A Hessian accumulated over some of the rows: its batch count and its tree nodes (``quant.treesum``)."""
+
+    in_features: int
+    num_batches: int
+    asymmetric: bool
+    sums: dict[Node, torch.Tensor]
+    cross: dict[Node, torch.Tensor]
+
+
 class Hessian:
     """Accumulates ``H = Σ XᵀX`` in float32 over calibration rows (exl2-format §4.1).
 
@@ -52,43 +64,79 @@ class Hessian:
     (the quantized model's) with the unquantized model's input ``X̃`` to the same linear (GPTAQ,
     arXiv 2504.02692). A row whose two inputs differ in shape (MoE experts routed other tokens in the two
     models) drops the cross term for good: the fit falls back to the plain objective.
+
+    Both sums run over a fixed tree of row chunks (``quant.treesum``), so their bits are the same however
+    the rows were split between ranks; ``combined`` joins the parts several ranks accumulated.
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu", *, asymmetric: bool = False):
         self.in_features = in_features
         self.device = torch.device(device)
-        self.matrix: torch.Tensor | None = None
         self.num_batches = 0
         self.asymmetric = asymmetric
-        self.cross: torch.Tensor | None = None
+        self._sums = TreeSum()
+        self._cross = TreeSum()
+        self._totals: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, num_batches: int) -> Hessian:
         """Restore an accumulator from its sum and batch count (e.g. one saved by an interrupted job)."""
         hessian = cls(matrix.shape[0], matrix.device)
-        hessian.matrix = matrix.to(torch.float32).clone()
+        hessian._sums.leaf(0, lambda: matrix.to(torch.float32).clone())
         hessian.num_batches = num_batches
         return hessian
 
-    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+    @property
+    def matrix(self) -> torch.Tensor | None:
+        """``Σ XᵀX`` (None before the first row)."""
+        return self._totals_now()[0]
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """``Σ Xᵀ(X̃ − X)`` of an asymmetric accumulator, else None."""
+        return self._totals_now()[1] if self.asymmetric else None
+
+    def _totals_now(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self._totals is None:
+            self._totals = (tree_total(self._sums.nodes()), tree_total(self._cross.nodes()))
+        return self._totals
+
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None, *, row: int | None = None) -> None:
         """Add one calibration row's input activations ``[..., K]`` (and, asymmetric, the unquantized
-        model's input ``reference`` to the same linear for the same row)."""
+        model's input ``reference`` to the same linear for the same row). ``row`` is the calibration row's
+        index (rows come in order); without it each call is the next row."""
         if x.shape[-1] != self.in_features:
             raise Exl2Error(f"Hessian expects {self.in_features} input features, got {x.shape[-1]}")
+        leaf = (self.num_batches if row is None else row) // LEAF_ROWS
         rows = x.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
-        if self.matrix is None:
-            self.matrix = torch.zeros(self.in_features, self.in_features, device=self.device)
-        self.matrix.addmm_(rows.T, rows)
+        self._totals = None
+        self._sums.leaf(leaf, self._zeros).addmm_(rows.T, rows)
         self.num_batches += 1
         if not self.asymmetric:
             return
         if reference is None or reference.shape != x.shape:
-            self.asymmetric, self.cross = False, None
+            self.asymmetric, self._cross = False, TreeSum()
             return
         ref_rows = reference.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
-        if self.cross is None:
-            self.cross = torch.zeros(self.in_features, self.in_features, device=self.device)
-        self.cross.addmm_(rows.T, ref_rows - rows)  # not in place: ref_rows may be the caller's tensor
+        self._cross.leaf(leaf, self._zeros).addmm_(rows.T, ref_rows - rows)  # ref_rows may be the caller's
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(self.in_features, self.in_features, device=self.device)
+
+    def parts(self) -> HessianParts:
+        """What this accumulator holds, for :meth:`combined` on another rank."""
+        return HessianParts(self.in_features, self.num_batches, self.asymmetric, self._sums.nodes(),
+                            self._cross.nodes() if self.asymmetric else {})
+
+    @classmethod
+    def combined(cls, parts: list[HessianParts], device: torch.device | str) -> Hessian:
+        """One accumulator from the parts of the same Hessian accumulated over disjoint rows."""
+        hessian = cls(parts[0].in_features, device, asymmetric=all(p.asymmetric for p in parts))
+        hessian.num_batches = sum(p.num_batches for p in parts)
+        sums = {node: t.to(hessian.device) for p in parts for node, t in p.sums.items()}
+        cross = {node: t.to(hessian.device) for p in parts for node, t in p.cross.items()}
+        hessian._totals = (tree_total(sums), tree_total(cross) if hessian.asymmetric else None)
+        return hessian
 
     def prepare(self, name: str, *, invert: bool = True) -> PreparedHessian:
         """Normalize, act-order, damp and invert (exl2-format §4.2). ``name`` labels errors.
