@@ -244,3 +244,25 @@ def llama_as_yi(path: Path) -> None:
     config.update(architectures=["YiForCausalLM"], model_type="Yi", rope_theta=rope.get("rope_theta", 10000.0),
                   rope_scaling=None)
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+#: A Mixtral that is GemMoE but for Gemma's numerics (the rewrite and the test's reference add those):
+#: GELU(tanh) experts, the head tied to the embedding.
+GEMMOE_AS_MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
+                         hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
+
+
+def mixtral_as_gemmoe(path: Path) -> None:
+    """Rewrite a saved Mixtral (``GEMMOE_AS_MIXTRAL``) as a GemMoE checkpoint (remote code only): Mixtral's
+    names, RMSNorm weights stored as ``w − 1`` (Gemma's), no head tensor, the published config's keys.
+    Run as GemMoE, it is that Mixtral with its embedding output scaled by √hidden."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors = {k: t - 1 if k.endswith("norm.weight") else t for k, t in tensors.items() if k != "lm_head.weight"}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters", None) or {}
+    config.update(architectures=["GemmoeForCausalLM"], model_type="gemmoe", hidden_act="gelu",
+                  rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=None)
+    (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -31,8 +31,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import (MINICPM_AS_GRANITE, ORION_AS_STABLELM, TINY_DIMS, granite_as_minicpm, llama_as_index,
-                      llama_as_internlm2, llama_as_yi, make_tiny_model, stablelm_as_orion, write_bpe_tokenizer)
+from conftest import (GEMMOE_AS_MIXTRAL, MINICPM_AS_GRANITE, ORION_AS_STABLELM, TINY_DIMS, granite_as_minicpm,
+                      llama_as_index, llama_as_internlm2, llama_as_yi, make_tiny_model, mixtral_as_gemmoe,
+                      stablelm_as_orion, write_bpe_tokenizer)
 from exl2core.cli import main
 from exl2core.model.exl2_weights import open_model
 from exl2core.quant.pack import QUANT_SUFFIXES, dequantize
@@ -70,6 +71,7 @@ TEXT_MODELS = {
     "granite": ("granite", dict(embedding_multiplier=4.0, attention_multiplier=0.0625, residual_multiplier=0.22,
                                 logits_scaling=8.0), []),
     "mixtral": ("mixtral", dict(num_local_experts=4, **MOE), []),
+    "gemmoe": ("mixtral", GEMMOE_AS_MIXTRAL, []),  # remote code only: Gemma's norms, scaled embedding, tied head
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, moe_intermediate_size=64, norm_topk_prob=True, **MOE), []),
     "gemma": ("gemma", {}, []),
     "gemma2": ("gemma2", {}, []),
@@ -79,9 +81,9 @@ TEXT_MODELS = {
 }
 #: case → the rewrite of its transformers checkpoint into the published layout of a remote-code architecture.
 REMOTE_CODE = {"minicpm": granite_as_minicpm, "orion": stablelm_as_orion, "internlm2": llama_as_internlm2,
-               "index": llama_as_index, "yi": llama_as_yi}
+               "index": llama_as_index, "yi": llama_as_yi, "gemmoe": mixtral_as_gemmoe}
 REMOTE_ARCHITECTURES = ("MiniCPMForCausalLM", "OrionForCausalLM", "InternLM2ForCausalLM", "IndexForCausalLM",
-                        "YiForCausalLM")
+                        "YiForCausalLM", "GemmoeForCausalLM")
 VISION_MODELS = ("mistral3", "qwen2_vl", "gemma3")
 CASES = [*TEXT_MODELS, *(f"vlm-{name}" for name in VISION_MODELS)]
 #: Linears exllamav2 always loads unquantized: the MoE routers.

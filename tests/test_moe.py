@@ -323,3 +323,24 @@ def test_resuming_with_another_all_experts_setting_is_refused(tiny_model, monkey
     assert plan_digest(resolve_plan(source.config)) == before
     monkeypatch.setenv("EXL2_MOE_ALL_EXPERTS", "1")
     assert plan_digest(resolve_plan(source.config)) != before
+
+
+def test_gemmoe_is_mixtral_with_gemma_numerics(tiny_model, tmp_path):
+    """GemMoE (remote code only), as exllamav2 0.3.2 runs it: Mixtral's layout and routing with RMSNorm
+    weights stored as w − 1, the embedding scaled by √hidden, GELU(tanh) experts and the tied head. The
+    reference is transformers' Mixtral with those numerics (its norms 1 + w, its input embeddings scaled)."""
+    from conftest import GEMMOE_AS_MIXTRAL, mixtral_as_gemmoe
+
+    model = tiny_model("mixtral", **GEMMOE_AS_MIXTRAL)
+    for f in model.path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    mixtral_as_gemmoe(tmp_path)
+    source, plan = plan_of(tmp_path)
+    moe = plan.modules[2]
+    assert plan.architecture == "GemmoeForCausalLM" and moe.norm.offset == 1.0 and moe.activation == "gelu_tanh"
+    assert plan.head.linears[0].source == "model.embed_tokens" and moe.renormalize
+    ids = model.random_ids()
+    hidden = model.hf.config.hidden_size
+    with torch.inference_mode():
+        expected = model.hf(inputs_embeds=model.hf.model.embed_tokens(ids) * hidden ** 0.5).logits.float()
+    assert (forward_logits(source, plan, ids) - expected).abs().max().item() <= 1e-4

@@ -39,7 +39,7 @@ EXAMPLE_ARCHITECTURES = ["BaiChuanForCausalLM"]
 BUILT_IN = {
     "llama": {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
               "OrionForCausalLM", "IndexForCausalLM", "YiForCausalLM"},
-    "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM"},
+    "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM", "GemmoeForCausalLM"},
     "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
     "granite": {"GraniteForCausalLM", "MiniCPMForCausalLM"},

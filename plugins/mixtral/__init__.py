@@ -1,12 +1,15 @@
-"""Mixture-of-experts architectures: Mixtral and Qwen3-MoE.
+"""Mixture-of-experts architectures: Mixtral, Qwen3-MoE and GemMoE.
 
-Both are the Llama decoder with every feed-forward replaced by a block-sparse MoE (core module kind
+All are the Llama decoder with every feed-forward replaced by a block-sparse MoE (core module kind
 ``moe``, measured as ``model.layers.{i}.block_sparse_moe`` with the MLP table's columns ``w1/w3/w2``
 whatever the checkpoint calls them, exl2-format §5.1, §3.5). The experts keep their checkpoint names in the
 output, which is what exllamav2 0.3.2 reads (exl2-format §9.4): Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2``
 with the router ``block_sparse_moe.gate``; Qwen3-MoE ``mlp.experts.{e}.gate_proj/up_proj/down_proj``
 with the router ``mlp.gate``, plus q/k norms. Routing is softmax → top-k → renormalise; Qwen3-MoE
-renormalises only when ``norm_topk_prob`` is set, as in transformers.
+renormalises only when ``norm_topk_prob`` is set, as in transformers. GemMoE (``GemmoeForCausalLM``,
+published with remote code only) is Mixtral's layout with Gemma's numerics, as exllamav2 0.3.2 runs it:
+RMSNorm weights stored as ``w − 1``, embeddings scaled by √hidden, the head tied to the embedding and
+GELU(tanh) experts (its ``gelu``: the MoE kernel's approximation).
 
 Under-routed experts. By default (as exllamav2 does) an expert's down projection is calibrated on the
 tokens routed to it only; an expert that few calibration tokens reach gets a poor Hessian (none at
@@ -60,13 +63,24 @@ def _check_silu(config: ModelConfig) -> None:
                         "(exllamav2 runs these experts with SiLU)")
 
 
+MIXTRAL_LAYOUT = ExpertLayout(block="block_sparse_moe", router="gate", gate="w1", up="w3", down="w2",
+                              width_key="intermediate_size")
+
+
 def _mixtral(config: ModelConfig) -> tuple[DecoderSpec, MoeSpec]:
-    layout = ExpertLayout(block="block_sparse_moe", router="gate", gate="w1", up="w3", down="w2",
-                          width_key="intermediate_size")
-    return DecoderSpec(), MoeSpec(layout, renormalize=True)
+    _check_silu(config)
+    return DecoderSpec(), MoeSpec(MIXTRAL_LAYOUT, renormalize=True)
+
+
+def _gemmoe(config: ModelConfig) -> tuple[DecoderSpec, MoeSpec]:
+    """GELU(tanh) whatever ``hidden_act`` says (``gelu`` in the published config), as exllamav2 runs it."""
+    spec = DecoderSpec(norm_offset=1.0, activation="gelu_tanh", embed_scale=config.hidden_size ** 0.5,
+                       tied_head=True)
+    return spec, MoeSpec(MIXTRAL_LAYOUT, renormalize=True)
 
 
 def _qwen3_moe(config: ModelConfig) -> tuple[DecoderSpec, MoeSpec]:
+    _check_silu(config)
     experts = config.get("num_local_experts", "num_experts", default=0)
     step = int(config.get("decoder_sparse_step", default=1))
     dense = sorted(set(config.get("mlp_only_layers", default=[]))
@@ -88,8 +102,10 @@ def _qwen3_moe(config: ModelConfig) -> tuple[DecoderSpec, MoeSpec]:
 ARCHITECTURES: dict[str, Callable[[ModelConfig], tuple[DecoderSpec, MoeSpec]]] = {
     "MixtralForCausalLM": _mixtral,
     "Qwen3MoeForCausalLM": _qwen3_moe,
+    "GemmoeForCausalLM": _gemmoe,
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
+    "gemmoe": _gemmoe,
 }
 
 
@@ -103,7 +119,6 @@ def exl2_model_plan(config: ModelConfig, architecture: str) -> ModelPlan | None:
     family = ARCHITECTURES.get(architecture)
     if family is None:
         return None
-    _check_silu(config)
     expert_counts(config)
     spec, moe = family(config)
     return moe_decoder_plan(config, architecture, spec, replace(moe, all_experts_hessian=all_experts_hessian()))
