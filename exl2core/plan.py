@@ -34,7 +34,11 @@ class Linear:
     concatenates them (InternLM2's ``wqkv``, packed per key/value head). ``transposed``: the source stores the weight ``[in, out]``
     (GPT-2's Conv1D); it is transposed when read, before ``rows`` are taken. ``normalized``: the model uses
     the weight with each row scaled to unit L2 norm (Index's ``norm_head``); it is read so, and so quantized
-    and written, since exllamav2 normalises only an unquantized head.
+    and written, since exllamav2 normalises only an unquantized head. ``columns`` ``(start, end)``: the linear
+    is those input features of the (transposed) source weight, taken after ``rows``, and has no bias (DBRX's
+    experts' ``w2``, stored ``[experts · ffn, hidden]``: each expert's down projection is its ``ffn`` columns of
+    the transposed tensor). ``weight_suffix`` follows ``source`` in the weight's key (``""`` for a bare
+    parameter: DBRX's fused experts ``ffn.experts.mlp.w1``).
     """
 
     name: str
@@ -48,6 +52,12 @@ class Linear:
     rows: tuple[int, int] | tuple[tuple[int, int], ...] | None = None
     transposed: bool = False
     normalized: bool = False
+    columns: tuple[int, int] | None = None
+    weight_suffix: str = ".weight"
+
+    def __post_init__(self) -> None:
+        if self.columns is not None and self.bias:
+            raise Exl2Error(f"{self.key}: a linear read from columns of its source cannot have a bias")
 
     def row_ranges(self) -> tuple[tuple[int, int], ...]:
         """``rows`` as a tuple of ``(start, end)`` ranges (empty: the whole source tensor)."""
@@ -56,9 +66,9 @@ class Linear:
         return self.rows if isinstance(self.rows[0], tuple) else (self.rows,)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        """The dataclass repr, naming ``rows``, ``transposed`` and ``normalized`` only when set (so the plan
-        digests of plans without them stay what they were)."""
-        optional = {"rows": None, "transposed": False, "normalized": False}
+        """The dataclass repr, naming ``rows``, ``transposed``, ``normalized``, ``columns`` and ``weight_suffix``
+        only when set (so the plan digests of plans without them stay what they were)."""
+        optional = {"rows": None, "transposed": False, "normalized": False, "columns": None, "weight_suffix": ".weight"}
         shown = (f for f in fields(self) if f.name not in optional or getattr(self, f.name) != optional[f.name])
         return f"Linear({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 

@@ -266,3 +266,21 @@ def mixtral_as_gemmoe(path: Path) -> None:
     config.update(architectures=["GemmoeForCausalLM"], model_type="gemmoe", hidden_act="gelu",
                   rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=None)
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+#: A tiny DBRX (4 experts, top-2, ffn 64) for ``make_tiny_model(path, "dbrx", **DBRX_SHAPE)`` (``d_model``
+#: itself: transformers sizes the experts from it, not from the ``hidden_size`` alias).
+DBRX_SHAPE = dict(d_model=TINY_DIMS["hidden_size"], attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=None),
+                  ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2))
+
+
+def dbrx_as_published(path: Path, **attn_config) -> None:
+    """Rewrite a saved DBRX's config.json as the released checkpoints have it: its shape only in ``d_model``,
+    ``n_heads`` …, ``attn_config`` and ``ffn_config`` (transformers 5 also writes ``num_key_value_heads``,
+    ``rope_parameters`` and the generic keys make_tiny_model passes), ``attn_config`` updated."""
+    config = json.loads((path / "config.json").read_text())
+    for key in ("num_key_value_heads", "rope_parameters", "head_dim", "intermediate_size", "hidden_size",
+                "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):
+        config.pop(key, None)
+    config["attn_config"].update(attn_config)
+    (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -31,9 +31,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import (GEMMOE_AS_MIXTRAL, MINICPM_AS_GRANITE, ORION_AS_STABLELM, TINY_DIMS, granite_as_minicpm,
-                      llama_as_index, llama_as_internlm2, llama_as_yi, make_tiny_model, mixtral_as_gemmoe,
-                      stablelm_as_orion, write_bpe_tokenizer)
+from conftest import (DBRX_SHAPE, GEMMOE_AS_MIXTRAL, MINICPM_AS_GRANITE, ORION_AS_STABLELM, TINY_DIMS,
+                      dbrx_as_published, granite_as_minicpm, llama_as_index, llama_as_internlm2, llama_as_yi,
+                      make_tiny_model, mixtral_as_gemmoe, stablelm_as_orion, write_bpe_tokenizer)
 from exl2core.cli import main
 from exl2core.model.exl2_weights import open_model
 from exl2core.quant.pack import QUANT_SUFFIXES, dequantize
@@ -72,6 +72,8 @@ TEXT_MODELS = {
                                 logits_scaling=8.0), []),
     "mixtral": ("mixtral", dict(num_local_experts=4, **MOE), []),
     "gemmoe": ("mixtral", GEMMOE_AS_MIXTRAL, []),  # remote code only: Gemma's norms, scaled embedding, tied head
+    # fused Wqkv and experts (w1 / v1 / w2 [experts · ffn, hidden]) written as exllamav2's separate linears
+    "dbrx": ("dbrx", DBRX_SHAPE, []),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, moe_intermediate_size=64, norm_topk_prob=True, **MOE), []),
     "gemma": ("gemma", {}, []),
     "gemma2": ("gemma2", {}, []),
@@ -79,9 +81,11 @@ TEXT_MODELS = {
     "cohere": ("cohere", {}, []),
     "cohere2": ("cohere2", {}, []),
 }
-#: case → the rewrite of its transformers checkpoint into the published layout of a remote-code architecture.
+#: case → the rewrite of its transformers checkpoint into the published layout of a remote-code architecture
+#: (or, for DBRX, into its released config.json, the shape only in attn_config / ffn_config).
 REMOTE_CODE = {"minicpm": granite_as_minicpm, "orion": stablelm_as_orion, "internlm2": llama_as_internlm2,
-               "index": llama_as_index, "yi": llama_as_yi, "gemmoe": mixtral_as_gemmoe}
+               "index": llama_as_index, "yi": llama_as_yi, "gemmoe": mixtral_as_gemmoe,
+               "dbrx": dbrx_as_published}
 REMOTE_ARCHITECTURES = ("MiniCPMForCausalLM", "OrionForCausalLM", "InternLM2ForCausalLM", "IndexForCausalLM",
                         "YiForCausalLM", "GemmoeForCausalLM")
 VISION_MODELS = ("mistral3", "qwen2_vl", "gemma3")

@@ -42,6 +42,7 @@ BUILT_IN = {
     "mixtral": {"MixtralForCausalLM", "Qwen3MoeForCausalLM", "GemmoeForCausalLM"},
     "gemma": {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"},
     "cohere": {"CohereForCausalLM", "Cohere2ForCausalLM"},
+    "dbrx": {"DbrxForCausalLM"},
     "granite": {"GraniteForCausalLM", "MiniCPMForCausalLM"},
     "glm": {"Glm4ForCausalLM"},
     "internlm": {"InternLM2ForCausalLM"},

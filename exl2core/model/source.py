@@ -125,7 +125,7 @@ class SourceModel:
         transposed = set()  # weights stored [in, out]
         normalized = {lin.name for lin in module.linears if lin.normalized}  # rows scaled to unit norm
         for lin in module.linears:
-            wanted[lin.name] = lin.source + ".weight"
+            wanted[lin.name] = lin.source + lin.weight_suffix
             if lin.bias:
                 wanted[lin.name + ".bias"] = lin.source + ".bias"
             if lin.rows is not None:
@@ -140,6 +140,9 @@ class SourceModel:
         for name, ranges in rows.items():
             if name in weights:
                 weights[name] = torch.cat([weights[name][start:end] for start, end in ranges]).contiguous()
+        for lin in module.linears:
+            if lin.columns is not None and lin.name in weights:
+                weights[lin.name] = weights[lin.name][:, lin.columns[0]:lin.columns[1]].contiguous()
         for name in normalized & weights.keys():
             w = weights[name]
             weights[name] = torch.nn.functional.normalize(w.float(), dim=1).to(w.dtype)
