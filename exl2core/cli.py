@@ -33,9 +33,11 @@ def _add_convert(sub) -> None:
     p.add_argument("-b", "--bits", type=float, default=4.125, help="target bits per weight (default 4.125)")
     p.add_argument("-hb", "--head_bits", type=int, default=6, help="head bits: 2, 3, 4, 5, 6 or 8 (default 6)")
     p.add_argument("-r", "--dataset_rows", type=int, default=100, help="quantization rows (default 100)")
-    p.add_argument("-l", "--length", type=int, default=2048, help="tokens per quantization row")
+    p.add_argument("-l", "--length", type=int,
+                   help="tokens per quantization row (default 2048, or the model's longest row if shorter)")
     p.add_argument("-mr", "--measurement_rows", type=int, default=16, help="measurement rows (default 16)")
-    p.add_argument("-ml", "--measurement_length", type=int, default=2048, help="tokens per measurement row")
+    p.add_argument("-ml", "--measurement_length", type=int,
+                   help="tokens per measurement row (default 2048, or the model's longest row if shorter)")
     p.add_argument("-ss", "--shard_size", type=float, default=8192, help="shard size in MB (0 = one file)")
     p.add_argument("-rs", "--rope_scale", type=float, help="linear RoPE scale used for calibration")
     p.add_argument("-ra", "--rope_alpha", type=float, help="NTK RoPE alpha used for calibration")
@@ -79,6 +81,7 @@ def _convert(args) -> int:
         if args.no_resume or not job_file.is_file():
             raise Exl2Error("-i/--in_dir is required to start a job")
         args.in_dir = json.loads(job_file.read_text())["settings"]["in_dir"]
+    _default_row_lengths(args, job_file)
     if args.bits < 2.0 or args.bits > 8.0:
         print(f"warning: target {args.bits} bpw is outside the usual 2.0–8.0 range", file=sys.stderr)
     if max(args.length, args.measurement_length) > 2048:
@@ -98,6 +101,44 @@ def _convert(args) -> int:
     state = convert(settings, args.out_dir, runtime, restart=args.no_resume)
     _print_result(state, args.status_json)
     return 0
+
+
+#: The length flags by Settings field.
+LENGTH_FLAGS = {"length": "-l", "measurement_length": "-ml"}
+
+
+def _default_row_lengths(args, job_file: Path) -> None:
+    """-l / -ml left out: a resumed job keeps the lengths it started with; a new one takes the default,
+    capped at the model's longest row (``ModelPlan.max_length``, GPT-2's learned positions), saying so."""
+    from exl2core.model.source import SourceModel
+    from exl2core.pipeline.job import DEFAULT_ROW_LENGTH
+    from exl2core.pipeline.preflight import default_row_length
+    from exl2core.plugins import installed
+
+    unset = [name for name in LENGTH_FLAGS if getattr(args, name) is None]
+    if not unset:
+        return
+    if job_file.is_file() and not args.no_resume:
+        try:
+            saved = json.loads(job_file.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None  # the job's own reading names what is wrong with it
+        if saved:
+            for name in unset:
+                setattr(args, name, saved[name])
+            return
+    plugins = installed()
+    source = SourceModel(args.in_dir, plugins)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the job's own plan resolution shows the plugins' warnings
+        plan = plugins.resolve_plan(source.config, args.arch, source.keys())
+    length = default_row_length(plan)
+    for name in unset:
+        setattr(args, name, length)
+    if length < DEFAULT_ROW_LENGTH:
+        flags = " and ".join(LENGTH_FLAGS[name] for name in unset)
+        print(f"note: {plan.architecture} takes rows of at most {length} tokens (its learned positions): {flags} "
+              f"default to {length}", file=sys.stderr)
 
 
 def _print_result(state: dict, as_json: bool) -> None:

@@ -448,3 +448,27 @@ def test_yi_is_llama_with_ln1_ln2(tiny_model, tmp_path):
         "model.layers.0.ln1.weight", "model.layers.0.ln2.weight")
     ids = model.random_ids()
     assert (forward_logits(source, plan, ids) - model.hf_logits(ids)).abs().max().item() <= 1e-4
+
+
+def test_gpt2_default_rows_follow_its_positions_and_a_resumed_job_keeps_its_own(tiny_model, tmp_path, capsys):
+    """Without -l / -ml a job takes rows as long as the model takes (GPT-2: its learned positions) and says so in
+    one line; a resumed job without them keeps the lengths it started with (here shorter than that default)."""
+    import json
+
+    from exl2core.cli import main
+
+    model = tiny_model("gpt2", **GPT)
+    for name, lengths in (("default", []), ("explicit", ["-l", "128", "-ml", "128"])):
+        job = tmp_path / name
+        command = ["convert", "-i", str(model.path), "-o", str(job), "-mr", "1", "-r", "1", "-om",
+                   str(tmp_path / f"{name}.json"), "--device", "cpu"]
+        capsys.readouterr()
+        assert main([*command, *lengths]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+        assert notes == ([] if lengths else [
+            "note: GPT2LMHeadModel takes rows of at most 256 tokens (its learned positions): -l and -ml default "
+            "to 256"])
+        assert main(command) == 0  # resumed without -l / -ml: the finished job, unchanged
+        assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith(("note:", "error:"))]
+        settings = json.loads((job / "job.json").read_text())["settings"]
+        assert settings["length"] == settings["measurement_length"] == (128 if lengths else 256)

@@ -25,6 +25,9 @@ from exl2core.errors import Exl2Error
 from exl2core.pipeline.calibration_mix import DEFAULT_MIX, LEGACY_MIX
 
 JOB_FILE = "job.json"
+#: Tokens per calibration row unless the user says otherwise (exllamav2's default; the CLI caps it at the
+#: model's longest row, ``ModelPlan.max_length``).
+DEFAULT_ROW_LENGTH = 2048
 STAGES = ("begin", "measure_tokens", "measure_embeddings", "measure", "optimize", "quant_tokens",
           "quant_embeddings", "quant", "compile", "finished")
 
@@ -48,9 +51,9 @@ class Settings:
     bits: float = field(default=4.125, metadata=_stage("optimize"))
     head_bits: int = field(default=6, metadata=_stage("quant"))
     rows: int = field(default=100, metadata=_stage("quant_tokens"))
-    length: int = field(default=2048, metadata=_stage("quant_tokens"))
+    length: int = field(default=DEFAULT_ROW_LENGTH, metadata=_stage("quant_tokens"))
     measurement_rows: int = field(default=16, metadata=_stage("measure_tokens"))
-    measurement_length: int = field(default=2048, metadata=_stage("measure_tokens"))
+    measurement_length: int = field(default=DEFAULT_ROW_LENGTH, metadata=_stage("measure_tokens"))
     shard_size: float = field(default=8192, metadata=_stage("compile"))
     compile_full: str | None = field(default=None, metadata=_stage("compile"))
     rope_scale: float | None = field(default=None, metadata=_stage("measure"))

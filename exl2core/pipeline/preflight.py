@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.plan import ModelPlan, Module, Slot
-from exl2core.pipeline.job import STAGES, Job, Settings, io_reason, stage_index
+from exl2core.pipeline.job import DEFAULT_ROW_LENGTH, STAGES, Job, Settings, io_reason, stage_index
 from exl2core.pipeline.optimize import Option, bpw_range, measured_slots, options_of
 from exl2core.pipeline.records import SlotKey, slot_key
 from exl2core.quant.qparams import HEAD_OPTIONS, TABLES, pad32, table_setting
@@ -114,6 +114,12 @@ def calibration_passes(settings: Settings, plan: ModelPlan, stages: list[str]) -
               CalibrationPass(settings.rows, settings.length, plan.noise_rows[1], "quantization rows -r/-l",
                               QUANT_STAGES, "quantization")]
     return [p for p in passes if any(s in stages for s in p.stages)]
+
+
+def default_row_length(plan: ModelPlan) -> int:
+    """The calibration row length a job takes unless told otherwise: the default, or the model's longest row
+    if shorter (GPT-2's 1024 learned positions)."""
+    return min(DEFAULT_ROW_LENGTH, plan.max_length or DEFAULT_ROW_LENGTH)
 
 
 def check_calibration(settings: Settings, plan: ModelPlan, stages: list[str],
