@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -73,6 +74,7 @@ def _add_convert(sub) -> None:
 def _convert(args) -> int:
     import torch
 
+    from exl2core.distributed import AgreedError, join, leave
     from exl2core.pipeline.convert import Runtime, convert
     from exl2core.pipeline.job import JOB_FILE, Settings
 
@@ -96,11 +98,32 @@ def _convert(args) -> int:
         layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure,
         sensitivity=args.sensitivity)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = join(device)
+    if ranks.world > 1:
+        signal.signal(signal.SIGTERM, lambda *_: _ended_by_launcher(ranks.rank))
+        if not ranks.main:
+            warnings.simplefilter("ignore", UserWarning)  # rank 0 shows the job's warnings
     runtime = Runtime(device=device, gpu_rows=args.gpu_rows, checkpoint_interval=args.checkpoint_interval,
-                      status_json=args.status_json)
-    state = convert(settings, args.out_dir, runtime, restart=args.no_resume)
-    _print_result(state, args.status_json)
+                      status_json=args.status_json, ranks=ranks)
+    try:
+        state = convert(settings, args.out_dir, runtime, restart=args.no_resume)
+    except AgreedError:
+        if ranks.main:
+            raise
+        return 1  # rank 0 prints it
+    finally:
+        leave(ranks)
+    if ranks.main:
+        _print_result(state, args.status_json)
     return 0
+
+
+def _ended_by_launcher(rank: int) -> None:
+    """SIGTERM under torchrun: its agent ends the other ranks once one has failed."""
+    from exl2core.distributed import PeerLost
+
+    raise PeerLost(f"rank {rank} stopped (the launcher ended it after another rank failed); rerun the same "
+                   "command, with any number of ranks, to resume")
 
 
 #: The length flags by Settings field.

@@ -97,13 +97,13 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
     kept = [] if run_reference and keep else None
     with torch.inference_mode():
         for i in range(len(states)):
-            current = i
+            current = states.first + i
             ref_inputs.clear()
             if reference_inputs is not None:
                 ref_inputs.update(reference_inputs[i])
             elif run_reference:
                 y_ref = fwd(module, reference_weights, reference.row(i), keep_reference)
-                _check_finite(module, y_ref, i)
+                _check_finite(module, y_ref, current)
                 ref_outputs.append(y_ref.to(reference.rows[i].device))
                 if kept is not None:
                     kept.append({n: x.to(reference.rows[i].device) for n, x in ref_inputs.items() if n in keep})
@@ -112,7 +112,7 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
                 y = fwd(module, weights, states.row(i), accumulate)
             except _Captured:
                 continue
-            _check_finite(module, y, i)
+            _check_finite(module, y, current)
             if outputs is not None:
                 outputs.append(y.to(states.rows[i].device))
     return Collected(hessians, outputs, ref_outputs, kept)

@@ -12,11 +12,12 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from exl2core.distributed import AgreedError, Ranks
 from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
@@ -44,13 +45,15 @@ HEAD_BITS = tuple(sorted(HEAD_OPTIONS))
 
 @dataclass
 class Runtime:
-    """How to run a job; none of it changes the result, so it may differ between resumes."""
+    """How to run a job; none of it changes the result, so it may differ between resumes (the number of
+    ranks included)."""
 
     device: str = "cpu"
     gpu_rows: int | None = None
     checkpoint_interval: float = 180.0
     status_json: bool = False
     quiet: bool = False
+    ranks: Ranks = field(default_factory=Ranks)
 
 
 def with_rope_overrides(plan: ModelPlan, settings: Settings) -> ModelPlan:
@@ -101,7 +104,8 @@ class Converter:
         self.job = job
         self.s = job.settings
         self.rt = runtime
-        self.report = Reporter(runtime.status_json, runtime.quiet)
+        self.ranks = runtime.ranks
+        self.report = Reporter(runtime.status_json and self.ranks.main, runtime.quiet or not self.ranks.main)
         self.device = torch.device(runtime.device)
         self.plugins = plugins or installed()
         self.source = SourceModel(self.s.in_dir, self.plugins)
@@ -129,6 +133,7 @@ class Converter:
         try:
             while self.job.progress != "finished":
                 stages[self.job.progress]()
+                self.ranks.barrier()  # what rank 0 wrote is there before any rank reads it
         finally:
             self.report.close()
         return self.job.state
@@ -168,6 +173,7 @@ class Converter:
         done = sum(candidates_of(m) + 1 for m in modules[1:start])
         self.report.stage("Measuring", total, done)
         states = self._load_states()
+        sent = self._share_note(states)
         last_save = time.monotonic()
         last_measured = max(i for i, m in enumerate(modules) if m.slots)
         for idx in range(start, len(modules)):
@@ -195,7 +201,7 @@ class Converter:
             measurement[module.measurement_key] = record
             states = states.replaced(outputs)
             del weights
-            if idx < len(modules) - 1 and time.monotonic() - last_save >= self.rt.checkpoint_interval:
+            if idx < len(modules) - 1 and self._checkpoint_due(last_save):
                 self._checkpoint(states, idx, "last_module_idx", measurement=measurement,
                                  **({"predicted_kl": predicted} if fast else {}))
                 last_save = time.monotonic()
@@ -203,7 +209,9 @@ class Converter:
         if fast:
             # exllamav2 reads only the two keys above; the predicted KL travels beside them for -m.
             result["predicted_kl"] = predicted
-        write_json(self.job.path("measurement.json"), result)
+        self._traffic_note(sent, len(modules) - start)
+        if self.ranks.main:
+            write_json(self.job.path("measurement.json"), result)
         self._finish_pass("optimize",
                           measurement=measurement, last_module_idx=len(modules) - 1,
                           **({"predicted_kl": predicted} if fast else {}))
@@ -219,7 +227,8 @@ class Converter:
         BpwRange(*bpw_range([options_of(r) for r in measured_slots(measurement, keys)], numel)).check(self.s.bits)
         self.report.stage("Optimizing", 1)
         predicted = self.job.state.get("predicted_kl")
-        choices, summary = plan_strategy(measurement, keys, numel, self.s.bits, predicted_kl=predicted)
+        choices, summary = self.ranks.broadcast(self.ranks.agree(
+            lambda: plan_strategy(measurement, keys, numel, self.s.bits, predicted_kl=predicted), everywhere=False))
         strategy = {slot.key: choices[i] for i, (_, slot) in enumerate(slots)}
         self.report.advance()
         if predicted:
@@ -238,7 +247,8 @@ class Converter:
         self.report.stage("Quantizing", len(modules) - 1, start - 1)
         options = QuantizerOptions(search=self.s.scale_search, fit=self.s.fit, layout=self.s.layout)
         states, reference = HiddenStates.load_with_reference(self.job.path(self.job.state["hidden_states"]),
-                                                             self.device, self.rt.gpu_rows)
+                                                             self.device, self.rt.gpu_rows, self.ranks)
+        self._check_shard(states)
         if options.fit != "asymmetric":
             reference = None
         elif reference is None:
@@ -248,6 +258,7 @@ class Converter:
             reference = states  # before the first block both models' states are the embeddings
         ids = load_tensors(self.job.path("cal_data.safetensors"))["input_ids"]
         ppl_rows = min(self.s.measurement_rows, ids.shape[0] - self.plan.noise_rows[1])
+        sent = self._share_note(states)
         last_save = time.monotonic()
         for idx in range(start, len(modules)):
             module = modules[idx]
@@ -272,15 +283,21 @@ class Converter:
                 if reference is not None:
                     reference = reference.replaced(result.reference_outputs)
             del weights
-            if idx < len(modules) - 1 and time.monotonic() - last_save >= self.rt.checkpoint_interval:
+            if idx < len(modules) - 1 and self._checkpoint_due(last_save):
                 self._checkpoint(states, idx, "q_last_module_idx", reference=reference, module_errors=errors,
                                  calibration_notes=notes)
                 last_save = time.monotonic()
+        self._traffic_note(sent, len(modules) - start)
         self._finish_pass("compile", module_errors=errors, calibration_notes=notes,
                           q_last_module_idx=len(modules) - 1)
 
     def compile(self) -> None:
         target = Path(self.s.compile_full) if self.s.compile_full else self.job.dir
+        shards = self.ranks.broadcast(self.ranks.agree(lambda: self._write_model(target), everywhere=False))
+        self.job.advance("finished", output_dir=str(target), shards=shards)
+
+    def _write_model(self, target: Path) -> list[str]:
+        """The model files (rank 0's work); returns the shards' names."""
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -300,7 +317,7 @@ class Converter:
                                                     self.s.rows, self.s.length,
                                                     describe_dataset(self.s.cal_dataset), self.plan.output_config)
         self._publish(target)
-        self.job.advance("finished", output_dir=str(target), shards=[p.name for p in shards])
+        return [p.name for p in shards]
 
     # -- helpers ----------------------------------------------------------------------------------------
 
@@ -310,7 +327,7 @@ class Converter:
         source = measured if measured.is_file() else Path(self.s.measurement)
         target = Path(self.s.output_measurement)
         target = target / "measurement.json" if target.is_dir() else target
-        atomic_write(target, lambda p: shutil.copyfile(source, p))
+        self.ranks.agree(lambda: atomic_write(target, lambda p: shutil.copyfile(source, p)), everywhere=False)
         self.job.advance("finished")
 
     def _publish(self, target: Path) -> None:
@@ -322,10 +339,18 @@ class Converter:
             write_model_card(target, Path(self.s.in_dir), card_facts(self.s, self.job.state))
 
     def _sensitivity(self) -> Sensitivity:
-        """The output sensitivity of every measured linear, computed once per job (fast measurement)."""
+        """The output sensitivity of every measured linear, computed once per job (fast measurement): by
+        rank 0, whose result every rank gets (its rows are few and its sums run in row order)."""
         name = "sensitivity.safetensors"
         if self.job.state.get("sensitivity") == name:
             return Sensitivity.load(self.job.path(name))
+        sensitivity = self.ranks.broadcast(self.ranks.agree(self._measure_sensitivity, everywhere=False))
+        if self.ranks.main:
+            sensitivity.save(self.job.path(name))
+        self.job.update(sensitivity=name)
+        return sensitivity
+
+    def _measure_sensitivity(self) -> Sensitivity:
         ids = sensitivity_rows(load_tensors(self.job.path("cal_data.safetensors"))["input_ids"], self.plan,
                                self.dtype.itemsize)
         self.report.stage("Sensitivity", sensitivity_steps(self.plan))
@@ -347,15 +372,22 @@ class Converter:
             self.report.log(f"marginal KL of {len(scales)} slots from {rows.shape[0]} × {rows.shape[1]} tokens in "
                             f"{time.monotonic() - started:.1f} s: measured ÷ predicted {ordered[0]:.2f} … "
                             f"{ordered[len(ordered) // 2]:.2f} (median) … {ordered[-1]:.2f}")
-        sensitivity.save(self.job.path(name))
-        self.job.update(sensitivity=name)
         return sensitivity
 
     def _tokens(self, rows: int, length: int, noise: int, purpose: RowPurpose) -> None:
-        ids = job_tokens(self.s, self.source, self.plan, rows, length, noise, purpose)
-        save_tensors(self.job.path("cal_data.safetensors"), {"input_ids": ids})
+        def write() -> None:
+            ids = job_tokens(self.s, self.source, self.plan, rows, length, noise, purpose)
+            save_tensors(self.job.path("cal_data.safetensors"), {"input_ids": ids})
+
+        self.ranks.agree(write, everywhere=False)
 
     def _embeddings(self) -> None:
+        """The first hidden states of every row, by rank 0 (cheap next to any block), as the pass's first
+        checkpoint, which each rank then reads its rows of."""
+        self.ranks.agree(self._write_embeddings, everywhere=False)
+        self._point_at(self._checkpoint_name(0), {})
+
+    def _write_embeddings(self) -> None:
         ids = load_tensors(self.job.path("cal_data.safetensors"))["input_ids"]
         rows = embed_rows(self.source, self.plan, ids, self.dtype, self.device)
         noise = [i for i in range(len(ids)) if ids[i, 0] < 0]
@@ -364,29 +396,60 @@ class Converter:
             gen = torch.Generator().manual_seed(self.s.seed + 1)
             for i in noise:
                 rows[i] = (torch.randn(rows[i].shape, generator=gen) * real.std() + real.mean()).to(rows[i].dtype)
-        self._checkpoint(HiddenStates(rows, torch.device("cpu")), 0, None)
+        HiddenStates(rows, torch.device("cpu")).save(self.job.path(self._checkpoint_name(0)))
 
     def _finish_pass(self, stage: str, **updates) -> None:
         """Advance past a module loop; its hidden states are no longer needed."""
         old = self.job.state.get("hidden_states")
         self.job.advance(stage, hidden_states=None, **updates)
-        if old:
+        if old and self.ranks.main:
             self.job.path(old).unlink(missing_ok=True)
 
     def _load_states(self) -> HiddenStates:
-        return HiddenStates.load(self.job.path(self.job.state["hidden_states"]), self.device, self.rt.gpu_rows)
+        states = HiddenStates.load(self.job.path(self.job.state["hidden_states"]), self.device, self.rt.gpu_rows,
+                                   self.ranks)
+        self._check_shard(states)
+        return states
 
-    def _checkpoint(self, states: HiddenStates, idx: int, counter: str | None,
+    def _check_shard(self, states: HiddenStates) -> None:
+        if states.shard.total < self.ranks.world:
+            raise AgreedError(f"{self.ranks.world} ranks for {states.shard.total} calibration rows: run this pass "
+                              f"on at most {states.shard.total} ranks")
+
+    def _share_note(self, states: HiddenStates) -> int:
+        """Log how the pass is shared among the ranks; returns the bytes sent so far (for the traffic note)."""
+        if self.ranks.world > 1:
+            counts = [len(self.ranks.rows(states.shard.total, rank)) for rank in range(self.ranks.world)]
+            self.report.log(f"{self.ranks.world} ranks share the pass: calibration rows "
+                            f"{' + '.join(map(str, counts))} of {states.shard.total}")
+        return self.ranks.sent
+
+    def _traffic_note(self, sent: int, modules: int) -> None:
+        """Log the bytes the ranks sent each other in this pass (every rank takes part in the sum)."""
+        total = sum(self.ranks.all_gather(self.ranks.sent - sent))
+        if self.ranks.world > 1:
+            self.report.log(f"{self.ranks.world} ranks sent {total / 1e6:.1f} MB in this pass "
+                            f"({total / 1e6 / max(modules, 1):.2f} MB per module)")
+
+    def _checkpoint_due(self, last_save: float) -> bool:
+        """Rank 0's clock decides, so every rank checkpoints at the same module."""
+        return self.ranks.broadcast(time.monotonic() - last_save >= self.rt.checkpoint_interval)
+
+    def _checkpoint_name(self, idx: int) -> str:
+        return f"hidden_states.{self.job.progress}.{idx:04d}.safetensors"
+
+    def _checkpoint(self, states: HiddenStates, idx: int, counter: str,
                     reference: HiddenStates | None = None, **updates) -> None:
-        """Save the hidden states (and the unquantized model's beside them, asymmetric fit) under a new
-        name, then point the job at them, then drop the old file."""
-        old = self.job.state.get("hidden_states")
-        name = f"hidden_states.{self.job.progress}.{idx:04d}.safetensors"
+        """Save the hidden states (and the unquantized model's beside them, asymmetric fit; rank 0 writes
+        every rank's rows) under a new name, then point the job at them, then drop the old file."""
+        name = self._checkpoint_name(idx)
         states.save(self.job.path(name), reference)
-        if counter:
-            updates[counter] = idx
+        self._point_at(name, {counter: idx, **updates})
+
+    def _point_at(self, name: str, updates: dict) -> None:
+        old = self.job.state.get("hidden_states")
         self.job.update(hidden_states=name, **updates)
-        if old and old != name:
+        if old and old != name and self.ranks.main:
             self.job.path(old).unlink(missing_ok=True)
 
 
@@ -448,27 +511,66 @@ def load_measurement(path: str | Path, plan: ModelPlan) -> tuple[dict, dict | No
 def convert(settings: Settings, out_dir: str | Path, runtime: Runtime, *, restart: bool = False,
             plugins: Plugins | None = None) -> dict:
     """Run (or resume) the conversion job in ``out_dir`` with ``plugins`` (default: the installed ones);
-    returns the final job state."""
+    returns the final job state. On several ranks (``runtime.ranks``) every rank calls this with the same
+    settings: rank 0 prepares and writes the job, the others follow it in the directory they share."""
+    ranks = runtime.ranks
     validate_settings(settings)
     for name in ("in_dir", "cal_dataset", "compile_full", "output_measurement", "measurement"):
         value = getattr(settings, name)
         if value:
             setattr(settings, name, str(Path(value).resolve()))
     plugins = plugins or installed()
-    source = SourceModel(settings.in_dir, plugins)  # a bad source fails here, before a job directory is created
-    job = Job.prepare(out_dir, settings, restart=restart)
-    if job.progress == "finished" and job.redo_from is None:
-        return job.state
-    plan = job_plan(plugins, source, settings)
-    measurement = load_measurement(settings.measurement, plan)[0] if settings.measurement else None
-    preflight(settings, source, plan, job, runtime.device, measurement,  # nothing is written before this
-              read_tokens=lambda p: job_tokens(settings, source, plan, p.rows, p.length, p.noise, p.purpose))
-    job.start()
-    remove_stale_files(job)
+    # a bad source fails here, before a job directory is created
+    source = ranks.agree(lambda: SourceModel(settings.in_dir, plugins))
+    same_on_every_rank(ranks, "settings", asdict(settings))
+    job = ranks.agree(lambda: Job.prepare(out_dir, settings, restart=restart), everywhere=False)
+    if ranks.broadcast(job is not None and job.progress == "finished" and job.redo_from is None):
+        return ranks.broadcast(job.state if ranks.main else None)
+    plan = ranks.agree(lambda: job_plan(plugins, source, settings))
+    same_on_every_rank(ranks, "model plan", plan_digest(plan))
+
+    def start() -> None:
+        measurement = load_measurement(settings.measurement, plan)[0] if settings.measurement else None
+        preflight(settings, source, plan, job, runtime.device, measurement,  # nothing is written before this
+                  read_tokens=lambda p: job_tokens(settings, source, plan, p.rows, p.length, p.noise, p.purpose))
+        job.start()
+        remove_stale_files(job)
+
+    ranks.agree(start, everywhere=False)
+    state = ranks.broadcast(job.state if ranks.main else None)
+    job = ranks.agree(lambda: job if ranks.main else follow_job(out_dir, settings, state))
     converter = Converter(job, runtime, plugins)
     if job.changes:
         converter.report.log(job.resume_note())
     return converter.run()
+
+
+def same_on_every_rank(ranks: Ranks, what: str, value: object) -> None:
+    """Refuse, on every rank, a job whose ranks were started with different ``what`` (settings as a dict)."""
+    values = ranks.all_gather(value)
+    for rank, other in enumerate(values):
+        if other == values[0]:
+            continue
+        if isinstance(other, dict):
+            diff = "; ".join(f"{k}: {values[0][k]!r} vs {other[k]!r}" for k in other if other[k] != values[0][k])
+        else:
+            diff = "another plugin version, or a plugin option such as EXL2_MOE_ALL_EXPERTS set otherwise"
+        raise AgreedError(f"rank {rank} was started with other {what} than rank 0 ({diff}); start every rank "
+                          "with the same command and environment")
+
+
+def follow_job(out_dir: str | Path, settings: Settings, state: dict) -> Job:
+    """The job rank 0 has just written, read from ``out_dir`` by another rank, which writes nothing."""
+    try:
+        job = Job.prepare(out_dir, settings)
+    except Exl2Error:
+        job = None
+    if job is None or job.is_new or job.state != state:
+        raise Exl2Error(f"cannot see the job directory {Path(out_dir).resolve()} that rank 0 writes (no "
+                        "job.json there, or another one): give every rank the same directory on storage they "
+                        "all share")
+    job.read_only = True
+    return job
 
 
 def remove_stale_files(job: Job) -> None:

@@ -225,6 +225,8 @@ class Job:
         self.redo_from: str | None = None
         self.restart = False
         self.is_new = False
+        #: Another rank's view of the job rank 0 writes: its state moves along, nothing is saved.
+        self.read_only = False
 
     @classmethod
     def open(cls, directory: str | Path, settings: Settings, *, restart: bool = False) -> "Job":
@@ -333,6 +335,8 @@ class Job:
             self.written_at[key] = self.progress
 
     def save(self) -> None:
+        if self.read_only:
+            return
         write_json(self.dir / JOB_FILE, {"settings": asdict(self.settings), "state": self.state,
                                          "written_at": self.written_at})
 

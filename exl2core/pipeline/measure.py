@@ -27,7 +27,8 @@ import torch
 
 from exl2core.plan import Linear, Module, Slot
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.pipeline.runner import forward_rows, prepare_hessians, relative_error
+from exl2core.distributed import Ranks
+from exl2core.pipeline.runner import forward_rows, prepare_hessians, reduce_hessians, relative_error, share_linears
 from exl2core.pipeline.sensitivity import Sensitivity
 from exl2core.quant.gptq import Hessian, PreparedHessian, quantize_linear, search_scales, search_scales_hessian
 from exl2core.quant.qparams import TABLES, QParams, pad32, table_setting
@@ -49,7 +50,7 @@ def measure_module(fwd: Callable, module: Module, weights: dict[str, torch.Tenso
     targets = forward_rows(fwd, module, weights, states, hessians)
     if not module.slots:
         return None, targets
-    prepared = prepare_hessians(module, hessians, states.device)
+    prepared = prepare_hessians(module, reduce_hessians(hessians, states), states.device)
 
     def quantized(lin: Linear, qp: QParams) -> torch.Tensor:
         q = quantize_linear(weights[lin.name], prepared[lin.name], qp, bias=weights.get(lin.name + ".bias"),
@@ -72,26 +73,45 @@ def estimate_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     targets = forward_rows(fwd, module, weights, states, hessians)
     if not module.slots:
         return None, None, targets
-    prepared = prepare_hessians(module, hessians, states.device)
-    tokens = sum(t.numel() // t.shape[-1] for t in targets)
-    rounding: dict[str, _GroupRounding] = {}
-
-    def linear_errors(lin: Linear, qp: QParams) -> torch.Tensor:
-        w, bias, hessian = weights[lin.name], weights.get(lin.name + ".bias"), hessians.get(lin.input)
-        if hessian is None:  # no token reached this linear (an idle expert)
-            return torch.zeros(lin.out_features, dtype=torch.float64, device=w.device)
-        if mode == "fast":
-            if lin.name not in rounding:
-                rounding[lin.name] = _GroupRounding(w, prepared[lin.name], search)
-            return rounding[lin.name].expected_errors(qp) * hessian.num_batches
-        fake = quantize_linear(w, prepared[lin.name], qp, bias=bias, search=search).weight[: lin.out_features]
-        return channel_errors(fake.to(torch.float32) - w.to(torch.float32), hessian.matrix)
-
+    ranks = states.shard.ranks
+    hessians = reduce_hessians(hessians, states)
+    tokens = sum(ranks.all_gather(sum(t.numel() // t.shape[-1] for t in targets)))
+    errors = _linear_errors(module, weights, hessians, mode, search, ranks, states.device)
     records, kls = {}, {}
     for slot in module.slots:
         records[slot.table], kls[slot.table] = _estimate_slot(module, slot, weights, hessians, tokens, sensitivity,
-                                                              linear_errors, on_candidate)
+                                                              lambda lin, qp: errors[(lin.name, qp.desc)],
+                                                              on_candidate)
     return _per_module(module, records), _per_module(module, kls), targets
+
+
+def _linear_errors(module: Module, weights: dict[str, torch.Tensor], hessians: dict[str, Hessian], mode: str,
+                   search: str, ranks: Ranks, device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
+    """``diag(ΔW H ΔWᵀ)`` of every measured linear at every setting its table rows use, keyed by
+    ``(linear name, setting)``; on several ranks each scores its share of the linears and every rank
+    gets all (vectors of the output width)."""
+    linears = [lin for slot in module.slots for lin in slot_linears(module, slot)]
+    owners = share_linears(linears, ranks)
+    mine = [lin for lin in linears if owners[lin.name] == ranks.rank]
+    prepared = prepare_hessians(module, hessians, device, {lin.name for lin in mine})
+    errors: dict[tuple[str, str], torch.Tensor] = {}
+    for lin in mine:
+        w, bias, hessian = weights[lin.name], weights.get(lin.name + ".bias"), hessians.get(lin.input)
+        rounding = _GroupRounding(w, prepared[lin.name], search) if mode == "fast" and hessian is not None else None
+        slot = next(slot for slot in module.slots if lin.role in slot.roles)
+        for row in range(len(TABLES[slot.table])):
+            qp = table_setting(slot.table, row, lin.role)
+            if (lin.name, qp.desc) in errors:
+                continue
+            if hessian is None:  # no token reached this linear (an idle expert)
+                found = torch.zeros(lin.out_features, dtype=torch.float64, device=w.device)
+            elif rounding is not None:
+                found = rounding.expected_errors(qp) * hessian.num_batches
+            else:
+                fake = quantize_linear(w, prepared[lin.name], qp, bias=bias, search=search).weight[: lin.out_features]
+                found = channel_errors(fake.to(torch.float32) - w.to(torch.float32), hessian.matrix)
+            errors[(lin.name, qp.desc)] = found
+    return ranks.share(errors)
 
 
 def _per_module(module: Module, per_slot: dict):
@@ -139,7 +159,7 @@ def _measure_slot(fwd, module: Module, slot: Slot, weights, states, targets, qua
         for name, (fake, _) in per_linear.items():
             trial[name] = fake.to(weights[name])
         outputs = forward_rows(fwd, module, trial, states, output=slot.output)
-        accuracy = max(1e-6, 1.0 - relative_error(outputs, targets))
+        accuracy = max(1e-6, 1.0 - relative_error(outputs, targets, states.shard.ranks))
         records.append({"accuracy": accuracy, "total_bits": sum(bits for _, bits in per_linear.values()),
                         **settings})
         if on_candidate:

@@ -25,7 +25,9 @@ from exl2core.plan import HeadModule, Linear, Module
 from exl2core.pipeline.collect import collect, first_input
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
-from exl2core.pipeline.runner import calibration_report, forward_rows, prepare_hessians, relative_error
+from exl2core.distributed import SINGLE, Ranks
+from exl2core.pipeline.runner import (calibration_report, forward_rows, prepare_hessians, reduce_hessians,
+                                      relative_error, share_linears)
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import FITS, HEAD_OPTIONS, QParams
@@ -89,19 +91,19 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     if asymmetric and reference is None:
         raise ValueError("the asymmetric fit needs the unquantized model's hidden states")
     reference = reference if asymmetric else None
+    ranks = states.shard.ranks
     if not module.linears:
         outputs = forward_rows(fwd, module, weights, states)
         ref_outputs = None if reference is None else forward_rows(fwd, module, weights, reference)
         return ModuleResult(outputs, reference_outputs=ref_outputs)
     if isinstance(module, HeadModule):
-        hessians = head_hessians(module, states, reference)
+        hessians = reduce_hessians(head_hessians(module, states, reference), states)
         notes = calibration_report(module, hessians)
-        _quantize_linears(module, module.linears, weights, prepare_hessians(module, hessians, states.device),
-                          strategy, head_bits, out_dir, options)
+        _quantize_linears(module, module.linears, weights, hessians, strategy, head_bits, out_dir, options, ranks)
         ppl = NextTokenLoss(ppl_ids)
         if ppl_ids is not None:
             forward_rows(fwd, module, weights, states, rows=len(ppl_ids), reduce=ppl.add)
-        return ModuleResult([], perplexity=ppl.perplexity() if ppl.count else None, notes=notes)
+        return ModuleResult([], perplexity=ppl.perplexity(ranks), notes=notes)
 
     unquantized = dict(weights)
     if options.fit == "local":
@@ -119,7 +121,7 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     collected = collect(fwd, module, weights, states, reference=reference, reference_weights=unquantized,
                         paired=first_only, keep=keep, inputs=first_only or None, stop_after=first_only)
     targets = collected.reference_outputs if asymmetric else collected.outputs
-    hessians = collected.hessians
+    hessians = reduce_hessians(collected.hessians, states)
     seen = dict(hessians)
     for index, stage in enumerate(stages):
         if not stage:
@@ -128,12 +130,12 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
             hessians = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
                                reference_weights=unquantized, reference_inputs=collected.reference_inputs,
                                paired=stage_inputs[index] if asymmetric else frozenset()).hessians
+            hessians = reduce_hessians(hessians, states)
             seen.update((name, h) for name, h in hessians.items() if name not in seen)
-        prepared = prepare_hessians(module, hessians, states.device)
-        _quantize_linears(module, stage, weights, prepared, strategy, head_bits, out_dir, options)
+        _quantize_linears(module, stage, weights, hessians, strategy, head_bits, out_dir, options, ranks)
     notes = calibration_report(module, seen)
     outputs = forward_rows(fwd, module, weights, states)
-    return ModuleResult(outputs, error=relative_error(outputs, targets), notes=notes,
+    return ModuleResult(outputs, error=relative_error(outputs, targets, ranks), notes=notes,
                         reference_outputs=collected.reference_outputs)
 
 
@@ -144,22 +146,36 @@ def _reference_bytes(module: Module, names: set[str], states: HiddenStates) -> i
     return len(states) * row.shape[0] * features * row.element_size()
 
 
-def _quantize_linears(module: Module, linears: list[Linear], weights: dict[str, torch.Tensor], prepared: dict,
-                      strategy: dict, head_bits: int, out_dir: Path, options: QuantizerOptions) -> None:
-    """Quantize, pack, save and verify ``linears``; each weight is replaced by its dequantized packing."""
-    for lin in linears:
+def _quantize_linears(module: Module, linears: list[Linear], weights: dict[str, torch.Tensor],
+                      hessians: dict[str, Hessian], strategy: dict, head_bits: int, out_dir: Path,
+                      options: QuantizerOptions, ranks: Ranks = SINGLE) -> None:
+    """Quantize, pack, save and verify ``linears``; each weight is replaced by its dequantized packing.
+
+    On several ranks each quantizes its share of the linears (``share_linears``) and the packed tensors
+    go to every rank (a fraction of the weights' size); rank 0 saves them."""
+    owners = share_linears(linears, ranks)
+    mine = [lin for lin in linears if owners[lin.name] == ranks.rank]
+    prepared = prepare_hessians(module, hessians, weights[linears[0].name].device, {lin.name for lin in mine})
+    packed: dict[tuple[str, str], torch.Tensor] = {}
+    for lin in mine:
         qp = setting_for(module, lin, strategy, head_bits)
         rtn = isinstance(module, HeadModule) and lin.in_features * lin.out_features > RTN_NUMEL
         q = quantize_linear(weights[lin.name], prepared[lin.name], qp, bias=weights.get(lin.name + ".bias"),
                             rtn=rtn, search=options.search, layout=options.layout)
-        packed = {f"{lin.key}.{suffix}": t for suffix, t in q.pack().items()}
-        save_tensors(tensor_file(out_dir, lin), packed)
-        rebuilt = dequantize({k[len(lin.key) + 1:]: v for k, v in packed.items()})
+        tensors = q.pack()
+        rebuilt = dequantize(tensors)
         # In fp16, the dtype of both: float copies of a large head would cost GBs here.
         diff = torch.sub(rebuilt.to(q.weight.device), q.weight).abs_().max().item()
         if diff > 0.05 or not math.isfinite(diff):
             raise Exl2Error(f"{lin.key}: packed tensors do not reproduce the quantized weight "
                             f"(max diff {diff:.4g}); this is a bug, please report it")
+        packed.update(((lin.name, suffix), t) for suffix, t in tensors.items())
+    packed = ranks.share(packed)
+    for lin in linears:
+        tensors = {suffix: t for (name, suffix), t in packed.items() if name == lin.name}
+        if ranks.main:
+            save_tensors(tensor_file(out_dir, lin), {f"{lin.key}.{suffix}": t for suffix, t in tensors.items()})
+        rebuilt = dequantize(tensors)
         weights[lin.name] = rebuilt[: lin.out_features].to(weights[lin.name].device, weights[lin.name].dtype)
 
 
@@ -171,26 +187,31 @@ def head_hessians(module: Module, states: HiddenStates, reference: HiddenStates 
     hessian = Hessian(lin.in_features, states.device, asymmetric=reference is not None)
     with torch.inference_mode():
         for i in range(len(states)):
-            hessian.add(states.row(i), None if reference is None else reference.row(i), row=i)
+            hessian.add(states.row(i), None if reference is None else reference.row(i), row=states.first + i)
     return {lin.input: hessian}
 
 
 class NextTokenLoss:
-    """Accumulates next-token negative log-likelihood row by row (exllamav2's calibration reading)."""
+    """Next-token negative log-likelihood row by row (exllamav2's calibration reading), kept per row so
+    that rows shared among ranks add up in row order."""
 
     def __init__(self, ids: torch.Tensor | None):
         self.ids = ids
-        self.nll = 0.0
-        self.count = 0
+        self.rows: list[tuple[float, int]] = []  # (Σ log p of the row's next tokens, tokens)
 
     def add(self, row: int, logits: torch.Tensor) -> None:
         lp = torch.log_softmax(logits.squeeze(0)[:-1].float() + 1e-10, dim=-1)
         target = self.ids[row, 1:].to(lp.device).clamp(0, lp.shape[-1] - 1)
-        self.nll -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
-        self.count += target.numel()
+        self.rows.append((lp.gather(-1, target.unsqueeze(-1)).sum().item(), target.numel()))
 
-    def perplexity(self) -> float:
-        return math.exp(self.nll / max(self.count, 1))
+    def perplexity(self, ranks: Ranks = SINGLE) -> float | None:
+        """Over every rank's rows; None without any."""
+        nll, count = 0.0, 0
+        for share in ranks.all_gather(self.rows):
+            for log_p, tokens in share:
+                nll -= log_p
+                count += tokens
+        return math.exp(nll / count) if count else None
 
 
 def perplexity_verdict(ppl: float) -> str:

@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from exl2core.distributed import SINGLE, Ranks
 from exl2core.errors import Exl2Error
 from exl2core.modules.forward import calibration_notes, module_forward
-from exl2core.plan import ModelPlan, Module
+from exl2core.plan import Linear, ModelPlan, Module
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.quant.gptq import Hessian, PreparedHessian
+from exl2core.quant.gptq import Hessian, HessianParts, PreparedHessian
 
 if TYPE_CHECKING:
     from exl2core.model.source import SourceModel
@@ -31,10 +32,12 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
                  hessians: dict[str, Hessian] | None = None, *, rows: int | None = None,
                  reduce: Callable[[int, torch.Tensor], None] | None = None,
                  output: str | None = None) -> list[torch.Tensor]:
-    """Outputs of ``module`` for the first ``rows`` rows (default all).
+    """Outputs of ``module`` for the rows of ``states`` among the first ``rows`` calibration rows (default
+    all).
 
-    With ``hessians``, every linear input is accumulated. With ``reduce``, each output is handed to
-    ``reduce(row, y)`` and not kept (the head's logits are too large to hold for every row). With
+    With ``hessians``, every linear input is accumulated (over this rank's rows: :func:`reduce_hessians`
+    joins the ranks'). With ``reduce``, each output is handed to ``reduce(row, y)`` (``row`` the
+    calibration row's index) and not kept (the head's logits are too large to hold for every row). With
     ``output`` (a ``Slot.output``), that reported activation is returned instead of the module's output.
     """
     slot_outputs = {slot.output for slot in module.slots if slot.output}
@@ -54,8 +57,8 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
     listen = hessians is not None or output is not None
     outputs = []
     with torch.inference_mode():
-        for i in range(len(states) if rows is None else min(rows, len(states))):
-            current = i
+        for i in range(len(states) if rows is None else max(0, min(rows - states.first, len(states)))):
+            current = states.first + i
             y = fwd(module, weights, states.row(i), capture if listen else None)
             if output is not None:
                 if output not in reported:
@@ -64,7 +67,7 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
             if not all_finite(y):
                 raise Exl2Error(non_finite_origin(fwd, module, weights, states, i))
             if reduce is not None:
-                reduce(i, y)
+                reduce(states.first + i, y)
             else:
                 outputs.append(y.to(states.rows[i].device))
     return outputs
@@ -85,7 +88,7 @@ def non_finite_origin(fwd: Callable, module: Module, weights: dict[str, torch.Te
     """Why ``module``'s output for calibration ``row`` is not finite, naming the first place it happens:
     the module's input (then an earlier step wrote it), a source weight, or the first linear input
     within the module, else its output (the block overflows in this precision)."""
-    where = f"{module.measurement_key}: non-finite activations in calibration row {row}"
+    where = f"{module.measurement_key}: non-finite activations in calibration row {states.first + row}"
     x = states.row(row)
     if not _all_finite_elements(x):
         return (f"{where}: its input hidden states are already non-finite (a damaged hidden-state "
@@ -107,12 +110,36 @@ def non_finite_origin(fwd: Callable, module: Module, weights: dict[str, torch.Te
             "block is where the activations blow up)")
 
 
-def prepare_hessians(module: Module, hessians: dict[str, Hessian],
-                     device: torch.device | str) -> dict[str, PreparedHessian]:
-    """Prepared Hessian per linear name: each group's owner prepares, the others reuse it. A linear
-    whose input saw no calibration data (an expert no token was routed to) gets the identity."""
+def reduce_hessians(hessians: dict[str, Hessian], states: HiddenStates) -> dict[str, Hessian]:
+    """The Hessians over every rank's rows, the same on every rank, from each rank's over its ``states``
+    (on one rank, ``hessians`` itself): every rank then quantizes on the very same sums."""
+    ranks = states.shard.ranks
+    if ranks.world == 1:
+        return hessians
+    parts = {name: h.parts() for name, h in hessians.items()}
+    listed = ranks.all_gather({name: (p.in_features, p.num_batches, p.asymmetric) for name, p in parts.items()})
+    nodes = ranks.share({(ranks.rank, name, kind, node): t for name, p in parts.items()
+                         for kind, tree in (("sums", p.sums), ("cross", p.cross)) for node, t in tree.items()})
+
+    def part(rank: int, name: str) -> HessianParts:
+        tree = {kind: {key[3]: t for key, t in nodes.items() if key[:3] == (rank, name, kind)}
+                for kind in ("sums", "cross")}
+        return HessianParts(*listed[rank][name], tree["sums"], tree["cross"])
+
+    names = dict.fromkeys(name for per_rank in listed for name in per_rank)
+    return {name: Hessian.combined([part(r, name) for r in range(ranks.world) if name in listed[r]], states.device)
+            for name in names}
+
+
+def prepare_hessians(module: Module, hessians: dict[str, Hessian], device: torch.device | str,
+                     names: set[str] | None = None) -> dict[str, PreparedHessian]:
+    """Prepared Hessian per linear name (of the groups holding one of ``names``, default all): each
+    group's owner prepares, the others reuse it. A linear whose input saw no calibration data (an expert
+    no token was routed to) gets the identity."""
     prepared: dict[str, PreparedHessian] = {}
     for group in module.hessian_groups():
+        if names is not None and not names.intersection(group):
+            continue
         owner = module.linear(group[0])
         h = hessians.get(owner.input) or Hessian(owner.in_features, device)
         p = h.prepare(f"{module.key}.{owner.name}")
@@ -121,16 +148,32 @@ def prepare_hessians(module: Module, hessians: dict[str, Hessian],
     return prepared
 
 
+def share_linears(linears: list[Linear], ranks: Ranks) -> dict[str, int]:
+    """The rank that works on each linear: the largest first, each to the least loaded rank so far."""
+    load = [0] * ranks.world
+    owners: dict[str, int] = {}
+    for lin in sorted(linears, key=lambda lin: -lin.in_features * lin.out_features):
+        rank = min(range(ranks.world), key=load.__getitem__)
+        owners[lin.name] = rank
+        load[rank] += lin.in_features * lin.out_features
+    return owners
+
+
 def calibration_report(module: Module, hessians: dict[str, Hessian]) -> list[str]:
     """What ``module``'s kind has to say about how it was calibrated (tokens routed per MoE expert)."""
     return calibration_notes(module, hessians)
 
 
-def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """Mean over rows of ‖y − y_ref‖_F / ‖y_ref‖_F, the error measure of the whole pipeline."""
-    total = 0.0
+def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor], ranks: Ranks = SINGLE) -> float:
+    """Mean over rows of ‖y − y_ref‖_F / ‖y_ref‖_F, the error measure of the whole pipeline (over every
+    rank's rows, summed in row order)."""
+    errors = []
     for y, t in zip(outputs, targets):
         y = y.float()
         t = t.to(y.device).float()
-        total += (torch.linalg.vector_norm(y - t) / torch.linalg.vector_norm(t).clamp_min(1e-12)).item()
-    return total / max(len(outputs), 1)
+        errors.append((torch.linalg.vector_norm(y - t) / torch.linalg.vector_norm(t).clamp_min(1e-12)).item())
+    errors = [e for share in ranks.all_gather(errors) for e in share]
+    total = 0.0
+    for e in errors:
+        total += e
+    return total / max(len(errors), 1)
