@@ -1,16 +1,17 @@
-"""The built-in calibration mix v1 against v2: the same conversion calibrated on each, scored per domain.
+"""Versions of the built-in calibration mix against v1: the same conversion calibrated on each, scored
+per domain.
 
     python bench/bench_calibration.py                                  # SmolLM2-135M, then Gemma-3-270M
-    python bench/bench_calibration.py --models smollm2 --bits 4.0 --work /tmp/calbench
+    python bench/bench_calibration.py --models smollm2 --bits 4.0 --mixes v1 v2 v3 --work /tmp/calbench
 
 For every model and mix: one measurement pass (``-om``, measurement rows × length; ``--measure`` as in
 ``exl2 convert``), then one quantization pass per bitrate reusing that measurement (``-m``), all other
 settings exl2core's defaults.
 Each EXL2 model is scored against its FP16 source on the held-out domains of ``exl2 eval --domain``
 (encyclopedic prose, code, chat rendered with the model's chat template): mean KL(FP16 ‖ EXL2) per
-token, perplexity, top-1 agreement. The table gives each figure for v1 and v2 side by side and the KL
-ratio v2 / v1, and checks the targets of issue #19: ratio ≤ 0.85 on encyclopedic prose and chat, ≤ 1.05
-everywhere. Finished steps are kept in WORK/results.json, so rerunning the same command resumes.
+token, perplexity, top-1 agreement. The table gives each figure per mix side by side and each mix's KL
+ratio to the first mix (v1 by default), and checks the targets of issue #19 for every later mix: ratio
+≤ 0.85 on encyclopedic prose and chat, ≤ 1.05 everywhere. Finished steps are kept in WORK/results.json, so rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from models import MODELS  # noqa: E402
 from exl2core.eval.data import domain_text, token_windows  # noqa: E402
 from exl2core.eval.perplexity import evaluate  # noqa: E402
 from exl2core.model.exl2_weights import open_model  # noqa: E402
+from exl2core.pipeline.calibration_mix import DEFAULT_MIX, MIXES  # noqa: E402
 from exl2core.pipeline.convert import Runtime, convert  # noqa: E402
 from exl2core.pipeline.job import Settings  # noqa: E402
 
 DOMAINS = ("encyclopedic", "code", "chat")
-MIXES = ("v1", "v2")
-#: Issue #19: v2's KL at most this fraction of v1's on these domains …
+#: Issue #19: a new mix's KL at most this fraction of v1's on these domains …
 IMPROVE_DOMAINS = {"encyclopedic": 0.85, "chat": 0.85}
 #: … and no domain worse than this.
 MAX_RATIO = 1.05
@@ -83,24 +84,32 @@ def score(model_dir: Path, ref_dir: Path, domain: str, args) -> Score:
                  result.windows)
 
 
-def table(results: dict, models: list[str], bits: list[float], mode: str) -> tuple[list[str], list[str]]:
-    """Markdown rows, and the targets missed."""
-    lines = ["| model | bpw | domain | KL v1 | KL v2 | v2/v1 | ppl v1 | ppl v2 | ppl FP16 | top-1 v1 | top-1 v2 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def table(results: dict, models: list[str], bits: list[float], mode: str,
+          mixes: list[str]) -> tuple[list[str], list[str]]:
+    """Markdown rows (KL, perplexity and top-1 per mix, each later mix's KL ratio to the first), and the
+    targets missed."""
+    base, others = mixes[0], mixes[1:]
+    lines = ["| model | bpw | domain | " + " | ".join(f"KL {m}" for m in mixes) + " | "
+             + " | ".join(f"{m}/{base}" for m in others) + " | " + " | ".join(f"ppl {m}" for m in mixes)
+             + " | ppl FP16 | " + " | ".join(f"top-1 {m}" for m in mixes) + " |"]
+    lines.append("|" + "---|" * (3 + 3 * len(mixes) + len(others) + 1))
     missed = []
     for name in models:
         for b in bits:
             for domain in DOMAINS:
-                one, two = (results.get(f"{name}/{mode}/{mix}/{b}/{domain}") for mix in MIXES)
-                if one is None or two is None:
+                scores = [results.get(f"{name}/{mode}/{mix}/{b}/{domain}") for mix in mixes]
+                if any(s is None for s in scores):
                     continue
-                ratio = two["kl"] / one["kl"]
-                lines.append(f"| {name} | {b} | {domain} | {one['kl']:.4f} | {two['kl']:.4f} | {ratio:.3f} | "
-                             f"{one['perplexity']:.2f} | {two['perplexity']:.2f} | {one['ref_perplexity']:.2f} | "
-                             f"{one['top1']:.3f} | {two['top1']:.3f} |")
+                ratios = [s["kl"] / scores[0]["kl"] for s in scores[1:]]
+                lines.append(f"| {name} | {b} | {domain} | " + " | ".join(f"{s['kl']:.4f}" for s in scores)
+                             + " | " + " | ".join(f"{r:.3f}" for r in ratios) + " | "
+                             + " | ".join(f"{s['perplexity']:.2f}" for s in scores)
+                             + f" | {scores[0]['ref_perplexity']:.2f} | "
+                             + " | ".join(f"{s['top1']:.3f}" for s in scores) + " |")
                 limit = IMPROVE_DOMAINS.get(domain, MAX_RATIO)
-                if ratio > limit:
-                    missed.append(f"{name} {b} bpw {domain}: v2/v1 KL {ratio:.3f} > {limit}")
+                for mix, ratio in zip(others, ratios):
+                    if ratio > limit:
+                        missed.append(f"{name} {b} bpw {domain}: {mix}/{base} KL {ratio:.3f} > {limit}")
     return lines, missed
 
 
@@ -112,7 +121,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=16, help="quantization rows")
     parser.add_argument("--length", type=int, default=512, help="tokens per calibration row and eval window")
     parser.add_argument("--eval-rows", type=int, default=8, help="evaluation windows per domain (at most)")
-    parser.add_argument("--measure", default="exact", help="measurement mode (exl2 convert --measure)")
+    parser.add_argument("--measure", default="fast", help="measurement mode (exl2 convert --measure)")
+    parser.add_argument("--mixes", nargs="+", default=["v1", DEFAULT_MIX], choices=list(MIXES),
+                        help="mix versions, the first being the baseline (default: v1 and the default mix)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/exl2-bench-calibration"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -124,12 +135,12 @@ def main() -> int:
         model_dir = MODELS[name]()
         work = args.work / name
         measurements = {}
-        for mix in MIXES:
+        for mix in args.mixes:
             started = time.monotonic()
             measurements[mix] = measure(model_dir, work, mix, args)
             print(f"{name} {mix}: measurement {time.monotonic() - started:.0f} s", flush=True)
-        for b in args.bits:  # both mixes at one bitrate before the next, so a cut-short run still compares
-            for mix in MIXES:
+        for b in args.bits:  # every mix at one bitrate before the next, so a cut-short run still compares
+            for mix in args.mixes:
                 started = time.monotonic()
                 out = quantize(model_dir, work, mix, b, measurements[mix], args)
                 print(f"{name} {mix} {b} bpw: quantization {time.monotonic() - started:.0f} s", flush=True)
@@ -139,7 +150,7 @@ def main() -> int:
                         results[key] = asdict(score(out, model_dir, domain, args))
                         results_path.write_text(json.dumps(results, indent=1))
                     print(f"  {domain}: {results[key]}", flush=True)
-    lines, missed = table(results, args.models, args.bits, args.measure)
+    lines, missed = table(results, args.models, args.bits, args.measure, args.mixes)
     print("\n".join(lines))
     print("targets met" if not missed else "targets missed:\n  " + "\n  ".join(missed))
     return 0

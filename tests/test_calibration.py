@@ -36,6 +36,8 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 MAX_FILE_BYTES = 600_000
 V1 = MIXES["v1"].quantization
 V2 = MIXES["v2"].quantization
+V3 = MIXES["v3"].quantization
+DEFAULT = MIXES[DEFAULT_MIX].quantization
 # Greek, Cyrillic, Hebrew, Arabic, Indic, Thai, Japanese kana, CJK ideographs, Hangul
 NON_LATIN = re.compile(r"[\u0370-\u03ff\u0400-\u04ff\u0590-\u06ff\u0900-\u0dff\u0e00-\u0e7f"
                        r"\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]")
@@ -125,19 +127,20 @@ def test_same_seed_same_rows_other_seed_other_rows(tokenizer: Tokenizer, mix: st
         assert not torch.equal(domain_rows(other, weights, domain), domain_rows(rows, weights, domain)), domain
 
 
-def test_default_mix_is_v2_and_mixes_differ(tokenizer: Tokenizer, default_rows: torch.Tensor) -> None:
+def test_default_mix_is_v3_and_mixes_differ(tokenizer: Tokenizer, default_rows: torch.Tensor) -> None:
     vocab = tokenizer.get_vocab_size()
-    assert DEFAULT_MIX == "v2"
-    assert torch.equal(calibration_rows(tokenizer, vocab, 100, 128, mix="v2", noise_rows=3), default_rows)
-    v1 = calibration_rows(tokenizer, vocab, 100, 128, mix="v1", noise_rows=3)
-    assert not torch.equal(v1, default_rows)
+    assert DEFAULT_MIX == "v3"
+    assert torch.equal(calibration_rows(tokenizer, vocab, 100, 128, mix="v3", noise_rows=3), default_rows)
+    for older in ("v1", "v2"):
+        assert not torch.equal(calibration_rows(tokenizer, vocab, 100, 128, mix=older, noise_rows=3), default_rows)
     measurement = calibration_rows(tokenizer, vocab, 100, 128, purpose="measurement", noise_rows=3)
     assert not torch.equal(measurement, default_rows)
-    with pytest.raises(Exl2Error, match="unknown calibration mix 'v9'.*v1, v2"):
+    with pytest.raises(Exl2Error, match="unknown calibration mix 'v9'.*v1, v2, v3"):
         calibration_rows(tokenizer, vocab, 4, 16, mix="v9")
 
 
-@pytest.mark.parametrize("weights", [V1, V2, MIXES["v2"].measurement], ids=["v1", "v2", "v2-measurement"])
+@pytest.mark.parametrize("weights", [V1, V2, MIXES["v2"].measurement, V3, MIXES["v3"].measurement],
+                         ids=["v1", "v2", "v2-measurement", "v3", "v3-measurement"])
 def test_domain_counts_cover_every_request(weights: dict[str, float]) -> None:
     for rows in range(0, 300):
         counts = domain_row_counts(rows, weights)
@@ -174,6 +177,15 @@ def test_v2_gives_informational_prose_about_half_the_quantization_rows() -> None
     assert counts["chat"] >= counts["code"]
 
 
+def test_v3_restores_v1s_share_of_code_adjacent_text_and_keeps_v2s_encyclopedic_and_chat_rows() -> None:
+    """v2 cut code, the Python documentation and FAQ from 38 to 21 of 98 text rows; v3 gives them a third."""
+    code_adjacent = ("code", "technical", "dialogue")
+    v1, v2, v3 = (domain_row_counts(100, w) for w in (V1, V2, V3))
+    assert sum(v3[d] for d in code_adjacent) >= 0.33 * 98 > sum(v2[d] for d in code_adjacent)
+    assert (v3["encyclopedic"], v3["chat"]) == (v2["encyclopedic"], v2["chat"])
+    assert v3["code"] > v1["code"]
+
+
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_every_domain_row_comes_from_its_domain_text(tokenizer: Tokenizer, mix: str) -> None:
     weights = MIXES[mix].quantization
@@ -204,18 +216,18 @@ def test_chat_rows_use_the_model_template_and_its_special_tokens(tokenizer: Toke
     vocab = tokenizer.get_vocab_size()
     start_id = tokenizer.token_to_id(IM_START)
     rows = calibration_rows(tokenizer, vocab, 100, 128, model_dir=chatml_model)
-    chat = domain_rows(rows, V2, "chat")
+    chat = domain_rows(rows, DEFAULT, "chat")
     rendered = "".join(chat_texts(chatml_model))
     assert rendered.startswith(f"{IM_START}user\n")
     for row in chat.tolist():
         assert_from_text(tokenizer, row, rendered)
     assert (chat == start_id).sum() >= chat.shape[0]  # markup tokenized as the special tokens themselves
-    others = torch.cat([domain_rows(rows, V2, d) for d in V2 if d != "chat"])
+    others = torch.cat([domain_rows(rows, DEFAULT, d) for d in DEFAULT if d != "chat"])
     assert start_id not in others.flatten().tolist()
     # Only the chat rows depend on the template.
     plain = calibration_rows(tokenizer, vocab, 100, 128)
-    assert torch.equal(others, torch.cat([domain_rows(plain, V2, d) for d in V2 if d != "chat"]))
-    assert not torch.equal(chat, domain_rows(plain, V2, "chat"))
+    assert torch.equal(others, torch.cat([domain_rows(plain, DEFAULT, d) for d in DEFAULT if d != "chat"]))
+    assert not torch.equal(chat, domain_rows(plain, DEFAULT, "chat"))
 
 
 def test_chat_rows_fall_back_to_a_transcript_without_a_template(tokenizer: Tokenizer, tmp_path: Path) -> None:
@@ -223,7 +235,7 @@ def test_chat_rows_fall_back_to_a_transcript_without_a_template(tokenizer: Token
     vocab = tokenizer.get_vocab_size()
     rows = calibration_rows(tokenizer, vocab, 100, 128, model_dir=tmp_path)
     assert torch.equal(rows, calibration_rows(tokenizer, vocab, 100, 128, model_dir=None))
-    chat = domain_rows(rows, V2, "chat")
+    chat = domain_rows(rows, DEFAULT, "chat")
     transcript = "".join(chat_texts(None))
     assert transcript.startswith("User: ")
     assert "\n\nAssistant: " in transcript
@@ -256,7 +268,7 @@ def test_conversation_file_format_errors() -> None:
 def test_shuffled_rows_are_chunks_of_multilingual_text(tokenizer: Tokenizer) -> None:
     rows = calibration_rows(tokenizer, tokenizer.get_vocab_size(), 100, 384)
     text = domain_text("multilingual")
-    for row in domain_rows(rows, V2, "multilingual-shuffled").tolist():
+    for row in domain_rows(rows, DEFAULT, "multilingual-shuffled").tolist():
         chunks = [row[i:i + 128] for i in range(0, 384, 128)]
         for chunk in chunks:
             assert_from_text(tokenizer, chunk, text)
@@ -293,17 +305,17 @@ def _job(directory: Path, mix: str | None, progress: str) -> None:
 
 def test_a_job_resumes_only_with_its_mix(tmp_path: Path) -> None:
     _job(tmp_path, "v1", "measure")
-    with pytest.raises(Exl2Error, match="cal_mix: 'v1' \\(job\\) vs 'v2' \\(now\\)"):
-        Job.open(tmp_path, Settings(in_dir="/models/m", cal_mix="v2"))
+    with pytest.raises(Exl2Error, match="cal_mix: 'v1' \\(job\\) vs 'v3' \\(now\\)"):
+        Job.open(tmp_path, Settings(in_dir="/models/m", cal_mix="v3"))
     assert Job.open(tmp_path, Settings(in_dir="/models/m", cal_mix="v1")).settings.cal_mix == "v1"
 
 
 def test_a_job_from_before_the_mix_setting_is_v1(tmp_path: Path) -> None:
     _job(tmp_path, None, "quant")
     saved = json.loads((tmp_path / JOB_FILE).read_text())
-    assert saved["settings"].pop("cal_mix") == "v2"
+    assert saved["settings"].pop("cal_mix") == "v3"
     (tmp_path / JOB_FILE).write_text(json.dumps(saved))
-    with pytest.raises(Exl2Error, match="cal_mix: 'v1' \\(job\\) vs 'v2' \\(now\\)"):
+    with pytest.raises(Exl2Error, match="cal_mix: 'v1' \\(job\\) vs 'v3' \\(now\\)"):
         Job.open(tmp_path, Settings(in_dir="/models/m"))
     assert Job.open(tmp_path, Settings(in_dir="/models/m", cal_mix="v1")).settings.cal_mix == "v1"
 
