@@ -86,39 +86,39 @@ class Ranks:
         ``device``, ordered by rank then key order."""
         if self.world == 1:
             return dict(tensors)
-        shapes = self.all_gather([(key, tuple(t.shape), t.dtype) for key, t in tensors.items()])
         out: dict[Any, torch.Tensor] = {}
-        for src, listed in enumerate(shapes):
-            for key, shape, dtype in listed:
-                if src == self.rank:
-                    buf = _as_bytes(tensors[key].to(self.device))
-                    self.sent += buf.numel() * (self.world - 1)
-                else:
-                    buf = torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=self.device)
-                self._run(lambda: dist.broadcast(buf, src=src))
-                out[key] = buf.view(dtype).reshape(shape)
+        for src, key, shape, dtype in self._listing(tensors):
+            if src == self.rank:
+                buf = _as_bytes(tensors[key].to(self.device))
+                self.sent += buf.numel() * (self.world - 1)
+            else:
+                buf = torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=self.device)
+            self._run(lambda: dist.broadcast(buf, src=src))
+            out[key] = buf.view(dtype).reshape(shape)
         return out
 
     def gather(self, tensors: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor] | None:
         """Every rank's ``tensors`` on rank 0 (in host memory), None elsewhere: a checkpoint's rows."""
         if self.world == 1:
             return dict(tensors)
-        shapes = self.all_gather([(key, tuple(t.shape), t.dtype) for key, t in tensors.items()])
         out: dict[Any, torch.Tensor] = {}
-        for src, listed in enumerate(shapes):
-            for key, shape, dtype in listed:
-                if src == self.rank:
-                    if self.main:
-                        out[key] = tensors[key].cpu()
-                    else:
-                        buf = _as_bytes(tensors[key].to(self.device))
-                        self.sent += buf.numel()
-                        self._run(lambda: dist.send(buf, dst=0))
-                elif self.main:
-                    buf = torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=self.device)
-                    self._run(lambda: dist.recv(buf, src=src))
-                    out[key] = buf.view(dtype).reshape(shape).cpu()
+        for src, key, shape, dtype in self._listing(tensors):
+            if src == self.rank == 0:
+                out[key] = tensors[key].cpu()
+            elif src == self.rank:
+                buf = _as_bytes(tensors[key].to(self.device))
+                self.sent += buf.numel()
+                self._run(lambda: dist.send(buf, dst=0))
+            elif self.main:
+                buf = torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=self.device)
+                self._run(lambda: dist.recv(buf, src=src))
+                out[key] = buf.view(dtype).reshape(shape).cpu()
         return out if self.main else None
+
+    def _listing(self, tensors: dict[Any, torch.Tensor]) -> list[tuple[int, Any, tuple[int, ...], torch.dtype]]:
+        """``(rank, key, shape, dtype)`` of every rank's tensors, the same list on every rank."""
+        listed = self.all_gather([(key, tuple(t.shape), t.dtype) for key, t in tensors.items()])
+        return [(src, *entry) for src, entries in enumerate(listed) for entry in entries]
 
     def agree(self, work: Callable[[], T], *, everywhere: bool = True) -> T | None:
         """Run ``work`` (on every rank, or with ``everywhere=False`` on rank 0 only, None elsewhere) and
