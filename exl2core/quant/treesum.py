@@ -23,24 +23,30 @@ Node = tuple[int, int]  # (level, start leaf)
 
 
 class TreeSum:
-    """Streams terms leaf by leaf (non-decreasing leaf indices) into finished tree nodes."""
+    """Streams terms leaf by leaf (increasing leaf indices) into finished tree nodes."""
 
     def __init__(self) -> None:
         self._stack: list[tuple[int, int, torch.Tensor | None]] = []
+        self._next: int | None = None  # the first leaf after those pushed onto the stack
         self._leaf: int | None = None
         self._value: torch.Tensor | None = None
 
     def leaf(self, index: int, zeros: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The accumulator of leaf ``index`` (new from ``zeros()``), to add that leaf's terms into in order."""
         if self._leaf != index:
-            if self._leaf is not None:
-                if index < self._leaf:
-                    raise ValueError(f"leaf {index} after leaf {self._leaf}: leaves must come in order")
-                self._push(0, self._leaf, self._value)
-                for gap in range(self._leaf + 1, index):  # leaves without terms keep the tree's shape
+            self._finish_leaf()
+            if self._next is not None:
+                if index < self._next:
+                    raise ValueError(f"leaf {index} after leaf {self._next - 1}: leaves must come in order")
+                for gap in range(self._next, index):  # leaves without terms keep the tree's shape
                     self._push(0, gap, None)
             self._leaf, self._value = index, zeros()
         return self._value
+
+    def _finish_leaf(self) -> None:
+        if self._leaf is not None:
+            self._push(0, self._leaf, self._value)
+            self._next, self._leaf, self._value = self._leaf + 1, None, None
 
     def _push(self, level: int, start: int, value: torch.Tensor | None) -> None:
         self._stack.append((level, start, value))
@@ -49,14 +55,14 @@ class TreeSum:
             if l1 != l2 or s1 % (2 << l1) or s2 != s1 + (1 << l1):
                 break
             del self._stack[-2:]
-            self._stack.append((l1 + 1, s1, _add(v1, v2, in_place=True)))
+            with torch.inference_mode(v1 is not None and v1.is_inference()):  # leaves made in inference mode
+                self._stack.append((l1 + 1, s1, _add(v1, v2, in_place=True)))
 
     def nodes(self) -> dict[Node, torch.Tensor]:
-        """The finished nodes and the current leaf: disjoint, aligned, together all terms seen."""
-        found = {(level, start): value for level, start, value in self._stack if value is not None}
-        if self._value is not None:
-            found[(0, self._leaf)] = self._value
-        return found
+        """The finished nodes, the current leaf merged in (it takes no more terms): disjoint, aligned,
+        together all terms seen, as few as the leaves' range allows."""
+        self._finish_leaf()
+        return {(level, start): value for level, start, value in self._stack if value is not None}
 
 
 def tree_total(nodes: dict[Node, torch.Tensor]) -> torch.Tensor | None:
