@@ -107,7 +107,7 @@ def main() -> int:
                                **{d: asdict(score(out, model_dir, d, args)) for d in DOMAINS}}
             results_path.write_text(json.dumps(results, indent=1))
         print(f"{config}: {results[config]}", flush=True)
-    print(f"\n| rows | conversion s | " + " | ".join(f"KL {d}" for d in DOMAINS) + " | "
+    print("\n| rows | conversion s | " + " | ".join(f"KL {d}" for d in DOMAINS) + " | "
           + " | ".join(f"ppl {d}" for d in DOMAINS) + " | " + " | ".join(f"top-1 {d}" for d in DOMAINS) + " |")
     print("|" + "---|" * (2 + 3 * len(DOMAINS)))
     for config in args.configs:
