@@ -157,6 +157,10 @@ def _quantize_linears(module: Module, linears: list[Linear], weights: dict[str, 
     mine = [lin for lin in linears if owners[lin.name] == ranks.rank]
     prepared = prepare_hessians(module, hessians, weights[linears[0].name].device, {lin.name for lin in mine})
     packed: dict[tuple[str, str], torch.Tensor] = {}
+
+    def replace_weight(lin: Linear, rebuilt: torch.Tensor) -> None:
+        weights[lin.name] = rebuilt[: lin.out_features].to(weights[lin.name].device, weights[lin.name].dtype)
+
     for lin in mine:
         qp = setting_for(module, lin, strategy, head_bits)
         rtn = isinstance(module, HeadModule) and lin.in_features * lin.out_features > RTN_NUMEL
@@ -170,13 +174,14 @@ def _quantize_linears(module: Module, linears: list[Linear], weights: dict[str, 
             raise Exl2Error(f"{lin.key}: packed tensors do not reproduce the quantized weight "
                             f"(max diff {diff:.4g}); this is a bug, please report it")
         packed.update(((lin.name, suffix), t) for suffix, t in tensors.items())
+        replace_weight(lin, rebuilt)
     packed = ranks.share(packed)
     for lin in linears:
         tensors = {suffix: t for (name, suffix), t in packed.items() if name == lin.name}
         if ranks.main:
             save_tensors(tensor_file(out_dir, lin), {f"{lin.key}.{suffix}": t for suffix, t in tensors.items()})
-        rebuilt = dequantize(tensors)
-        weights[lin.name] = rebuilt[: lin.out_features].to(weights[lin.name].device, weights[lin.name].dtype)
+        if owners[lin.name] != ranks.rank:  # this rank's own linears were replaced as they were verified
+            replace_weight(lin, dequantize(tensors))
 
 
 def head_hessians(module: Module, states: HiddenStates, reference: HiddenStates | None = None) -> dict[str, Hessian]:
