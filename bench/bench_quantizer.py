@@ -27,12 +27,15 @@ import torch
 
 #: Variant name → extra ``exl2 convert`` arguments.
 VARIANTS = {
-    "exllamav2": ["--scale-search", "exllamav2", "--fit", "local", "--bit-layout", "table"],
-    "previous-default": ["--fit", "local", "--bit-layout", "table"],
-    "sequential": ["--fit", "sequential", "--bit-layout", "table"],
-    "asymmetric": ["--fit", "asymmetric", "--bit-layout", "table"],
-    "layout": ["--fit", "local", "--bit-layout", "hessian"],
-    "all": ["--fit", "asymmetric", "--bit-layout", "hessian"],
+    "exllamav2": ["--scale-search", "exllamav2", "--fit", "local", "--bit-layout", "table", "--refine", "0"],
+    "previous-default": ["--fit", "local", "--bit-layout", "table", "--refine", "0"],
+    "sequential": ["--fit", "sequential", "--bit-layout", "table", "--refine", "0"],
+    "asymmetric": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "table", "--refine", "0"],
+    "layout": ["--fit", "local", "--bit-layout", "hessian", "--refine", "0"],
+    "all": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "hessian", "--refine", "0"],
+    "damped": ["--fit", "asymmetric", "--fit-strength", "0.5", "--bit-layout", "table", "--refine", "0"],
+    "refined": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "table", "--refine", "2"],
+    "damped-refined": ["--fit", "asymmetric", "--fit-strength", "0.5", "--bit-layout", "table", "--refine", "2"],
 }
 #: Candidate-table rows of the ``blocks`` comparison: about 2.4 and 4.1 bits per weight.
 TABLE_ROWS = {"attn": (2, 6), "mlp": (2, 7)}
@@ -112,7 +115,10 @@ def blocks(args: argparse.Namespace) -> None:
     options = {"exllamav2": QuantizerOptions(search="exllamav2"), "previous-default": QuantizerOptions(),
                "sequential": QuantizerOptions(fit="sequential"), "asymmetric": QuantizerOptions(fit="asymmetric"),
                "layout": QuantizerOptions(layout="hessian"),
-               "all": QuantizerOptions(fit="asymmetric", layout="hessian")}
+               "all": QuantizerOptions(fit="asymmetric", layout="hessian"),
+               "damped": QuantizerOptions(fit="asymmetric", fit_strength=0.5),
+               "refined": QuantizerOptions(fit="asymmetric", refine=2),
+               "damped-refined": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2)}
     print(f"{args.model}: calibration {args.rows}×{args.length}, held-out {len(held)}×{args.length}; relative "
           "error of the hidden state after each block vs the unquantized model on the held-out rows")
     print("| table row (attn, mlp) | variant | " + " | ".join(f"{m.layer}.{m.mode[:4]}"

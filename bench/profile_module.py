@@ -2,6 +2,7 @@
 
     python bench/profile_module.py MODEL_DIR [--layer 0] [--rows 16] [--length 2048]
         [--pass measure|measure-hessian|measure-fast|quant] [--fit local|sequential|asymmetric]
+        [--fit-strength S] [--refine SWEEPS]
 
 Runs the measurement (every candidate of the tables; ``measure-hessian``/``measure-fast``: the
 ``--measure hessian|fast`` scoring, with unit sensitivities since their values do not change the time) or the
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--pass", dest="which", choices=("measure", "measure-hessian", "measure-fast", "quant"), default="measure")
     parser.add_argument("--fit", choices=FITS, default="local", help="the quantization pass's fit (--pass quant)")
+    parser.add_argument("--fit-strength", type=float, default=1.0, help="the asymmetric fit's strength (--pass quant)")
+    parser.add_argument("--refine", type=int, default=0, help="code refinement sweeps (--pass quant)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
@@ -71,7 +74,8 @@ def main() -> None:
                                 for role in s.roles} for s in module.slots}
             # The asymmetric fit's reference: the unquantized model's states, here the block's own inputs.
             call = lambda: quantize_module(module_forward(module), module, weights, states,  # noqa: E731
-                                           strategy, 6, _scratch(), options=QuantizerOptions(fit=args.fit),
+                                           strategy, 6, _scratch(), options=QuantizerOptions(
+                                               fit=args.fit, fit_strength=args.fit_strength, refine=args.refine),
                                            reference=states)
         profile = cProfile.Profile()
         start = time.perf_counter()

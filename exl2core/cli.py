@@ -53,6 +53,13 @@ def _add_convert(sub) -> None:
                    help="asymmetric (default): each linear fitted to the unquantized model's output from its "
                         "quantized input, o/down projections after the quantized q/k/v, gate/up (GPTAQ); local: "
                         "each linear on its block's inputs (exllamav2); sequential: the asymmetric order, own outputs")
+    p.add_argument("--fit-strength", type=float, default=0.5,
+                   help="share of the asymmetric fit's correction towards the unquantized output that is applied, "
+                        "in (0, 1] (default 0.5; 1: the exact least-squares optimum on the calibration rows, which "
+                        "generalises worse; GPTAQ uses 0.25)")
+    p.add_argument("--refine", type=int, default=2, metavar="SWEEPS",
+                   help="coordinate-descent sweeps over GPTQ's codes at the scales it chose, each lowering the "
+                        "Hessian-weighted error (QuantEase; default 2; 0: GPTQ's codes as they are)")
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
                         "moved between the setting's widths and group sizes where GPTQ's error model gains, same "
@@ -94,8 +101,8 @@ def _convert(args) -> int:
         measurement_length=args.measurement_length, shard_size=args.shard_size,
         compile_full=args.compile_full, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
         output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
-        seed=args.seed, scale_search=args.scale_search, fit=args.fit,
-        layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure,
+        seed=args.seed, scale_search=args.scale_search, fit=args.fit, fit_strength=args.fit_strength,
+        refine=args.refine, layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure,
         sensitivity=args.sensitivity)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ranks = join(device)

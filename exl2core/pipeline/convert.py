@@ -89,6 +89,10 @@ def validate_settings(s: Settings) -> None:
             raise Exl2Error(f"{name.replace('_', ' ')} must be at least 1")
     if s.fit not in FITS:
         raise Exl2Error(f"fit must be one of {', '.join(FITS)}, not {s.fit!r}")
+    if not 0.0 < s.fit_strength <= 1.0:
+        raise Exl2Error(f"fit strength must be in (0, 1], not {s.fit_strength}")
+    if s.refine < 0:
+        raise Exl2Error(f"refinement sweeps must be 0 or more, not {s.refine}")
     if s.layout not in LAYOUTS:
         raise Exl2Error(f"bit layout must be one of {', '.join(LAYOUTS)}, not {s.layout!r}")
     if s.measure not in MEASURE_MODES:
@@ -245,7 +249,8 @@ class Converter:
         errors = dict(self.job.state.get("module_errors", {}))
         notes = dict(self.job.state.get("calibration_notes", {}))
         self.report.stage("Quantizing", len(modules) - 1, start - 1)
-        options = QuantizerOptions(search=self.s.scale_search, fit=self.s.fit, layout=self.s.layout)
+        options = QuantizerOptions(search=self.s.scale_search, fit=self.s.fit, layout=self.s.layout,
+                                   fit_strength=self.s.fit_strength, refine=self.s.refine)
         states, reference = HiddenStates.load_with_reference(self.job.path(self.job.state["hidden_states"]),
                                                              self.device, self.rt.gpu_rows, self.ranks)
         self._check_shard(states)

@@ -73,6 +73,11 @@ class Settings:
     # before these settings used exllamav2's local fit and the table layout.
     fit: str = field(default="asymmetric", metadata=_stage("quant", legacy="local"))
     layout: str = field(default="table", metadata=_stage("quant", legacy="table"))
+    # Share of the asymmetric fit's correction applied (``QuantizerOptions.fit_strength``); jobs from before
+    # the setting applied all of it.
+    fit_strength: float = field(default=0.5, metadata=_stage("quant", legacy=1.0))
+    # Coordinate-descent sweeps over GPTQ's codes (``quant.refine``); jobs from before the setting made none.
+    refine: int = field(default=2, metadata=_stage("quant", legacy=0))
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); jobs from before the setting
     # calibrated with v1.
     cal_mix: str = field(default=DEFAULT_MIX, metadata=_stage("measure_tokens", legacy=LEGACY_MIX))

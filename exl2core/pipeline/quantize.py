@@ -46,10 +46,16 @@ class QuantizerOptions:
     search: str = "hessian"
     fit: str = "local"
     layout: str = "table"
+    fit_strength: float = 1.0  # share of the asymmetric fit's correction applied (1: the exact optimum)
+    refine: int = 0  # coordinate-descent sweeps over GPTQ's codes (quant.refine)
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
             raise Exl2Error(f"unknown fit {self.fit!r}; expected one of {', '.join(FITS)}")
+        if not 0.0 < self.fit_strength <= 1.0:
+            raise Exl2Error(f"fit strength must be in (0, 1], not {self.fit_strength}")
+        if self.refine < 0:
+            raise Exl2Error(f"refinement sweeps must be 0 or more, not {self.refine}")
 
 
 @dataclass
@@ -165,7 +171,8 @@ def _quantize_linears(module: Module, linears: list[Linear], weights: dict[str, 
         qp = setting_for(module, lin, strategy, head_bits)
         rtn = isinstance(module, HeadModule) and lin.in_features * lin.out_features > RTN_NUMEL
         q = quantize_linear(weights[lin.name], prepared[lin.name], qp, bias=weights.get(lin.name + ".bias"),
-                            rtn=rtn, search=options.search, layout=options.layout)
+                            rtn=rtn, search=options.search, layout=options.layout,
+                            asymmetric_weight=options.fit_strength, refine=options.refine)
         tensors = q.pack()
         rebuilt = dequantize(tensors)
         # In fp16, the dtype of both: float copies of a large head would cost GBs here.

@@ -19,6 +19,7 @@ from exl2core.errors import Exl2Error
 from exl2core.quant.layout import choose_layout
 from exl2core.quant.pack import group_scales, make_q_groups, pack_scales
 from exl2core.quant.qparams import LAYOUTS, SCALE_SEARCHES, QParams, pad32
+from exl2core.quant.refine import GroupGrid, refine_codes
 from exl2core.quant.rounding import SEARCH_CHUNK_ELEMS, quantize_rows, zero_safe
 from exl2core.quant.treesum import LEAF_ROWS, Node, TreeSum, tree_total
 
@@ -44,6 +45,7 @@ class PreparedHessian:
     inv_upper: torch.Tensor | None
     attempts: int = 1
     cross: torch.Tensor | None = None  # permuted mean ``Xᵀ(X̃ − X)`` of an asymmetric Hessian, else None
+    hessian: torch.Tensor | None = None  # the damped, permuted mean ``H_p`` (code refinement's loss)
 
 
 @dataclass
@@ -165,7 +167,7 @@ class Hessian:
             torch.diagonal(h).add_(damp)
             upper = _inverse_upper_factor(h)
             if upper is not None:
-                return PreparedHessian(perm, upper, attempt, cross)
+                return PreparedHessian(perm, upper, attempt, cross, h)
         raise Exl2Error(f"{name}: Hessian is not invertible after {DAMP_ATTEMPTS} damping attempts")
 
 
@@ -321,6 +323,7 @@ def quantize_linear(
     search: str = "hessian",
     asymmetric_weight: float = 1.0,
     layout: str = "table",
+    refine: int = 0,
 ) -> QuantizedLinear:
     """Quantize an ``[out_features, in_features]`` weight with GPTQ error feedback (or RTN, exl2-format §4.5).
 
@@ -335,7 +338,8 @@ def quantize_linear(
     ``W`` by GPTQ's damping), so GPTQ runs unchanged on ``W*``. ``asymmetric_weight`` scales the
     correction (1: the exact optimum). ``layout`` (``LAYOUTS``) chooses the group layout: ``table`` is
     exl2-format §2.4's; ``hessian`` moves rows between the setting's bit widths and group sizes where GPTQ's
-    row-weighted error model says so, at exactly the same storage size (``quant.layout``).
+    row-weighted error model says so, at exactly the same storage size (``quant.layout``). ``refine``
+    sweeps of coordinate descent (``quant.refine``) then revisit GPTQ's codes at the scales it chose.
     """
     out_features, k = weight.shape
     perm = prepared.perm
@@ -361,6 +365,9 @@ def quantize_linear(
             raise Exl2Error("asymmetric calibration produced NaN/inf weights")
     row_weights = None if rtn else torch.diagonal(prepared.inv_upper).square().reciprocal()
     groups = choose_layout(w, qparams, layout, row_weights)
+    refine = 0 if rtn else refine
+    target = w.clone() if refine else None
+    grids: list[GroupGrid] = []
 
     codes = torch.empty(k, n, dtype=torch.int16, device=device)
     fake = torch.empty(k, n, dtype=torch.float32, device=device)
@@ -378,7 +385,11 @@ def quantize_linear(
             _round_rows(w[start:end], found, bits, codes[start:end], fake[start:end])
         else:
             _gptq_group(w, prepared.inv_upper, start, end, found, bits, codes, fake)
+        if refine:
+            grids.append(GroupGrid(start, end, bits, found.scale, found.divisor))
         start = end
+    if refine:
+        refine_codes(target, prepared.hessian, grids, codes, fake, refine)
 
     padded_bias = None
     if bias is not None:
