@@ -81,19 +81,33 @@ class Ranks:
         self._run(lambda: dist.all_gather_object(out, obj))
         return out
 
-    def share(self, tensors: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
+    def share(self, tensors: dict[Any, torch.Tensor],
+              to: Callable[[Any], frozenset[int] | None] | None = None) -> dict[Any, torch.Tensor]:
         """The union of every rank's ``tensors`` (keys disjoint between ranks) on every rank, on
-        ``device``, ordered by rank then key order."""
+        ``device``, ordered by rank then key order. With ``to``, a key for which ``to(key)`` names ranks
+        goes only to those (point to point; its sender keeps it too), a key it maps to None to all."""
         if self.world == 1:
             return dict(tensors)
         out: dict[Any, torch.Tensor] = {}
         for src, key, shape, dtype in self._listing(tensors):
-            if src == self.rank:
+            ranks = None if to is None else to(key)
+            if ranks is None:
+                if src == self.rank:
+                    buf = _as_bytes(tensors[key].to(self.device))
+                    self.sent += buf.numel() * (self.world - 1)
+                else:
+                    buf = torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=self.device)
+                self._run(lambda: dist.broadcast(buf, src=src))
+            elif src == self.rank:
                 buf = _as_bytes(tensors[key].to(self.device))
-                self.sent += buf.numel() * (self.world - 1)
-            else:
+                for dst in sorted(ranks - {src}):
+                    self.sent += buf.numel()
+                    self._run(lambda: dist.send(buf, dst=dst))
+            elif self.rank in ranks:
                 buf = torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=self.device)
-            self._run(lambda: dist.broadcast(buf, src=src))
+                self._run(lambda: dist.recv(buf, src=src))
+            else:
+                continue
             out[key] = buf.view(dtype).reshape(shape)
         return out
 

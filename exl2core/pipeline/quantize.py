@@ -26,8 +26,8 @@ from exl2core.pipeline.collect import collect, first_input
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
 from exl2core.distributed import SINGLE, Ranks
-from exl2core.pipeline.runner import (calibration_report, forward_rows, prepare_hessians, reduce_hessians,
-                                      relative_error, share_linears)
+from exl2core.pipeline.runner import (calibration_report, forward_rows, hessian_users, prepare_hessians,
+                                      reduce_hessians, relative_error, share_linears)
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import FITS, HEAD_OPTIONS, QParams
@@ -103,7 +103,7 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         ref_outputs = None if reference is None else forward_rows(fwd, module, weights, reference)
         return ModuleResult(outputs, reference_outputs=ref_outputs)
     if isinstance(module, HeadModule):
-        hessians = reduce_hessians(head_hessians(module, states, reference), states)
+        hessians = _reduce_for(module, module.linears, head_hessians(module, states, reference), states)
         notes = calibration_report(module, hessians)
         _quantize_linears(module, module.linears, weights, hessians, strategy, head_bits, out_dir, options, ranks)
         ppl = NextTokenLoss(ppl_ids)
@@ -127,7 +127,7 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     collected = collect(fwd, module, weights, states, reference=reference, reference_weights=unquantized,
                         paired=first_only, keep=keep, inputs=first_only or None, stop_after=first_only)
     targets = collected.reference_outputs if asymmetric else collected.outputs
-    hessians = reduce_hessians(collected.hessians, states)
+    hessians = _reduce_for(module, stages[0], collected.hessians, states)
     seen = dict(hessians)
     for index, stage in enumerate(stages):
         if not stage:
@@ -136,13 +136,21 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
             hessians = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
                                reference_weights=unquantized, reference_inputs=collected.reference_inputs,
                                paired=stage_inputs[index] if asymmetric else frozenset()).hessians
-            hessians = reduce_hessians(hessians, states)
+            hessians = _reduce_for(module, stage, hessians, states)
             seen.update((name, h) for name, h in hessians.items() if name not in seen)
         _quantize_linears(module, stage, weights, hessians, strategy, head_bits, out_dir, options, ranks)
     notes = calibration_report(module, seen)
     outputs = forward_rows(fwd, module, weights, states)
     return ModuleResult(outputs, error=relative_error(outputs, targets, ranks), notes=notes,
                         reference_outputs=collected.reference_outputs)
+
+
+def _reduce_for(module: Module, linears: list[Linear], hessians: dict[str, Hessian],
+                states: HiddenStates) -> dict[str, Hessian]:
+    """The Hessians over every rank's rows, each on the ranks that quantize ``linears`` from it
+    (``share_linears``, as :func:`_quantize_linears` shares them out), the rest (token counts) everywhere."""
+    owners = share_linears(linears, states.shard.ranks)
+    return reduce_hessians(hessians, states, hessian_users(module, owners))
 
 
 def _reference_bytes(module: Module, names: set[str], states: HiddenStates) -> int:

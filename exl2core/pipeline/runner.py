@@ -110,25 +110,42 @@ def non_finite_origin(fwd: Callable, module: Module, weights: dict[str, torch.Te
             "block is where the activations blow up)")
 
 
-def reduce_hessians(hessians: dict[str, Hessian], states: HiddenStates) -> dict[str, Hessian]:
+def reduce_hessians(hessians: dict[str, Hessian], states: HiddenStates,
+                    users: dict[str, frozenset[int]] | None = None) -> dict[str, Hessian]:
     """The Hessians over every rank's rows, the same on every rank, from each rank's over its ``states``
-    (on one rank, ``hessians`` itself): every rank then quantizes on the very same sums."""
+    (on one rank, ``hessians`` itself): every rank then quantizes on the very same sums. With ``users``,
+    the Hessian of an input it lists reaches only those ranks (the ones quantizing its linears); the
+    others reach every rank."""
     ranks = states.shard.ranks
     if ranks.world == 1:
         return hessians
     parts = {name: h.parts() for name, h in hessians.items()}
     listed = ranks.all_gather({name: (p.in_features, p.num_batches, p.asymmetric) for name, p in parts.items()})
+    users = users or {}
     nodes = ranks.share({(ranks.rank, name, kind, node): t for name, p in parts.items()
-                         for kind, tree in (("sums", p.sums), ("cross", p.cross)) for node, t in tree.items()})
+                         for kind, tree in (("sums", p.sums), ("cross", p.cross)) for node, t in tree.items()},
+                        to=lambda key: users.get(key[1]))
 
     def part(rank: int, name: str) -> HessianParts:
         tree = {kind: {key[3]: t for key, t in nodes.items() if key[:3] == (rank, name, kind)}
                 for kind in ("sums", "cross")}
         return HessianParts(*listed[rank][name], tree["sums"], tree["cross"])
 
-    names = dict.fromkeys(name for per_rank in listed for name in per_rank)
+    names = dict.fromkeys(name for per_rank in listed for name in per_rank
+                          if ranks.rank in users.get(name, (ranks.rank,)))
     return {name: Hessian.combined([part(r, name) for r in range(ranks.world) if name in listed[r]], states.device)
             for name in names}
+
+
+def hessian_users(module: Module, owners: dict[str, int]) -> dict[str, frozenset[int]]:
+    """The ranks that need each Hessian: those quantizing a linear of ``owners`` that prepares from it
+    (the Hessian of its group's first linear's input, as :func:`prepare_hessians` takes it)."""
+    users: dict[str, set[int]] = {}
+    for group in module.hessian_groups():
+        ranks = {owners[name] for name in group if name in owners}
+        if ranks:
+            users.setdefault(module.linear(group[0]).input, set()).update(ranks)
+    return {name: frozenset(ranks) for name, ranks in users.items()}
 
 
 def prepare_hessians(module: Module, hessians: dict[str, Hessian], device: torch.device | str,
