@@ -124,7 +124,15 @@ def test_asymmetric_fit_lowers_the_error_against_the_unquantized_output_on_held_
 def gptq_loss(q, prepared, target: torch.Tensor) -> float:
     """``tr(ΔW H ΔWᵀ)`` with the damped, permuted Hessian GPTQ minimised."""
     delta = (q.weight[: target.shape[0]].double() - target.double()).T[prepared.perm]
-    return torch.einsum("kn,kl,ln->", delta, prepared.hessian.double(), delta).item()
+    return torch.einsum("kn,kl,ln->", delta, prepared.damped().double(), delta).item()
+
+
+def test_the_rebuilt_hessian_is_the_one_gptq_inverted():
+    x = correlated_inputs(K, 1024, seed=12)
+    prepared = Hessian.from_matrix(x.T @ x, 4).prepare("q_proj")
+    upper = prepared.inv_upper.double()
+    torch.testing.assert_close(prepared.damped().double() @ (upper.T @ upper), torch.eye(K, dtype=torch.float64),
+                               rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("row", [0, 4, 9])

@@ -45,7 +45,16 @@ class PreparedHessian:
     inv_upper: torch.Tensor | None
     attempts: int = 1
     cross: torch.Tensor | None = None  # permuted mean ``Xᵀ(X̃ − X)`` of an asymmetric Hessian, else None
-    hessian: torch.Tensor | None = None  # the damped, permuted mean ``H_p`` (code refinement's loss)
+    source: Hessian | None = None  # the accumulator it was prepared from
+    damp: float = 0.0  # the diagonal damping added per attempt
+
+    def damped(self) -> torch.Tensor:
+        """The damped, permuted mean ``H_p`` that was inverted, rebuilt from the source by the same steps
+        (code refinement's loss): made when needed, so prepared Hessians do not each hold a copy."""
+        h = self.source.mean()[self.perm][:, self.perm]
+        for _ in range(self.attempts):
+            torch.diagonal(h).add_(self.damp)
+        return h
 
 
 @dataclass
@@ -140,17 +149,19 @@ class Hessian:
         hessian._totals = (tree_total(sums), tree_total(cross) if hessian.asymmetric else None)
         return hessian
 
+    def mean(self) -> torch.Tensor:
+        """``H / rows`` (a new tensor); with no rows at all (an expert no token was routed to) ``I``."""
+        if self.matrix is None or self.num_batches == 0:
+            return torch.eye(self.in_features, device=self.device)
+        return self.matrix / self.num_batches
+
     def prepare(self, name: str, *, invert: bool = True) -> PreparedHessian:
         """Normalize, act-order, damp and invert (exl2-format §4.2). ``name`` labels errors.
 
         Damping accumulates over attempts (attempt ``a`` has ``a·damp`` on the diagonal), as in 0.3.2.
         With ``invert=False`` only the permutation is computed (round-to-nearest, exl2-format §4.5).
         """
-        k = self.in_features
-        if self.matrix is None or self.num_batches == 0:
-            h = torch.eye(k, device=self.device)
-        else:
-            h = self.matrix / self.num_batches
+        h = self.mean()
         if not torch.isfinite(h).all():
             raise Exl2Error(f"{name}: Hessian has NaN/inf entries (non-finite calibration activations)")
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
@@ -167,7 +178,7 @@ class Hessian:
             torch.diagonal(h).add_(damp)
             upper = _inverse_upper_factor(h)
             if upper is not None:
-                return PreparedHessian(perm, upper, attempt, cross, h)
+                return PreparedHessian(perm, upper, attempt, cross, self, damp)
         raise Exl2Error(f"{name}: Hessian is not invertible after {DAMP_ATTEMPTS} damping attempts")
 
 
@@ -389,7 +400,7 @@ def quantize_linear(
             grids.append(GroupGrid(start, end, bits, found.scale, found.divisor))
         start = end
     if refine:
-        refine_codes(target, prepared.hessian, grids, codes, fake, refine)
+        refine_codes(target, prepared.damped(), grids, codes, fake, refine)
 
     padded_bias = None
     if bias is not None:
