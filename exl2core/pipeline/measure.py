@@ -28,7 +28,8 @@ import torch
 from exl2core.plan import Linear, Module, Slot
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.distributed import Ranks
-from exl2core.pipeline.runner import forward_rows, prepare_hessians, reduce_hessians, relative_error, share_linears
+from exl2core.pipeline.runner import (forward_rows, hessian_users, prepare_hessians, reduce_hessians, relative_error,
+                                      share_linears)
 from exl2core.pipeline.sensitivity import Sensitivity
 from exl2core.quant.gptq import Hessian, PreparedHessian, quantize_linear, search_scales, search_scales_hessian
 from exl2core.quant.qparams import TABLES, QParams, pad32, table_setting
@@ -74,29 +75,37 @@ def estimate_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     if not module.slots:
         return None, None, targets
     ranks = states.shard.ranks
-    hessians = reduce_hessians(hessians, states)
+    linears = [lin for slot in module.slots for lin in slot_linears(module, slot)]
+    owners = share_linears(linears, ranks)
+    hessians = reduce_hessians(hessians, states, hessian_users(module, owners))
     tokens = sum(ranks.all_gather(sum(t.numel() // t.shape[-1] for t in targets)))
-    errors = _linear_errors(module, weights, hessians, mode, search, ranks, states.device)
+    errors = _linear_errors(module, weights, hessians, mode, search, ranks, states.device, owners)
     records, kls = {}, {}
     for slot in module.slots:
-        records[slot.table], kls[slot.table] = _estimate_slot(module, slot, weights, hessians, tokens, sensitivity,
+        records[slot.table], kls[slot.table] = _estimate_slot(module, slot, errors, tokens, sensitivity,
                                                               lambda lin, qp: errors[(lin.name, qp.desc)],
                                                               on_candidate)
     return _per_module(module, records), _per_module(module, kls), targets
 
 
+#: The setting key under which ``_linear_errors`` gives a linear's ``diag(W H Wᵀ)``, the scale of its errors.
+SIGNAL = "signal"
+
+
 def _linear_errors(module: Module, weights: dict[str, torch.Tensor], hessians: dict[str, Hessian], mode: str,
-                   search: str, ranks: Ranks, device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
+                   search: str, ranks: Ranks, device: torch.device,
+                   owners: dict[str, int]) -> dict[tuple[str, str], torch.Tensor]:
     """``diag(ΔW H ΔWᵀ)`` of every measured linear at every setting its table rows use, keyed by
-    ``(linear name, setting)``; on several ranks each scores its share of the linears and every rank
-    gets all (vectors of the output width)."""
-    linears = [lin for slot in module.slots for lin in slot_linears(module, slot)]
-    owners = share_linears(linears, ranks)
-    mine = [lin for lin in linears if owners[lin.name] == ranks.rank]
+    ``(linear name, setting)``, and ``diag(W H Wᵀ)`` keyed by ``(linear name, SIGNAL)`` (absent for a
+    linear no token reached). Each rank scores the linears ``owners`` gives it, on their Hessians, and
+    every rank gets all (vectors of the output width)."""
+    mine = [lin for lin in module.linears if owners.get(lin.name) == ranks.rank]
     prepared = prepare_hessians(module, hessians, device, {lin.name for lin in mine})
     errors: dict[tuple[str, str], torch.Tensor] = {}
     for lin in mine:
         w, bias, hessian = weights[lin.name], weights.get(lin.name + ".bias"), hessians.get(lin.input)
+        if hessian is not None:
+            errors[(lin.name, SIGNAL)] = channel_errors(w, hessian.matrix)
         rounding = _GroupRounding(w, prepared[lin.name], search) if mode == "fast" and hessian is not None else None
         slot = next(slot for slot in module.slots if lin.role in slot.roles)
         for row in range(len(TABLES[slot.table])):
@@ -167,11 +176,10 @@ def _measure_slot(fwd, module: Module, slot: Slot, weights, states, targets, qua
     return records
 
 
-def _estimate_slot(module: Module, slot: Slot, weights, hessians: dict[str, Hessian], tokens: int,
+def _estimate_slot(module: Module, slot: Slot, errors: dict[tuple[str, str], torch.Tensor], tokens: int,
                    sensitivity: Sensitivity, linear_errors, on_candidate) -> tuple[list[dict], list[float]]:
     linears = slot_linears(module, slot)
-    signal = math.fsum(channel_errors(weights[lin.name], hessians[lin.input].matrix).sum().item()
-                       for lin in linears if lin.input in hessians)
+    signal = math.fsum(errors[(lin.name, SIGNAL)].sum().item() for lin in linears if (lin.name, SIGNAL) in errors)
     scale = sensitivity.scale(slot)
     records, kls = [], []
     for settings, per_linear in _candidates(module, slot, linear_errors):
