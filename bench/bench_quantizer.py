@@ -25,20 +25,28 @@ from pathlib import Path
 
 import torch
 
-#: Variant name → extra ``exl2 convert`` arguments.
+from exl2core.pipeline.quantize import QuantizerOptions
+
+#: Variant name → how it quantizes (``exl2 convert``'s options of the quantization pass, see ``arguments``).
 VARIANTS = {
-    "exllamav2": ["--scale-search", "exllamav2", "--fit", "local", "--bit-layout", "table", "--refine", "0"],
-    "previous-default": ["--fit", "local", "--bit-layout", "table", "--refine", "0"],
-    "sequential": ["--fit", "sequential", "--bit-layout", "table", "--refine", "0"],
-    "asymmetric": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "table", "--refine", "0"],
-    "layout": ["--fit", "local", "--bit-layout", "hessian", "--refine", "0"],
-    "all": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "hessian", "--refine", "0"],
-    "damped": ["--fit", "asymmetric", "--fit-strength", "0.5", "--bit-layout", "table", "--refine", "0"],
-    "refined": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "table", "--refine", "2"],
-    "damped-refined": ["--fit", "asymmetric", "--fit-strength", "0.5", "--bit-layout", "table", "--refine", "2"],
+    "exllamav2": QuantizerOptions(search="exllamav2"),
+    "previous-default": QuantizerOptions(),
+    "sequential": QuantizerOptions(fit="sequential"),
+    "asymmetric": QuantizerOptions(fit="asymmetric"),
+    "layout": QuantizerOptions(layout="hessian"),
+    "all": QuantizerOptions(fit="asymmetric", layout="hessian"),
+    "damped": QuantizerOptions(fit="asymmetric", fit_strength=0.5),
+    "refined": QuantizerOptions(fit="asymmetric", refine=2),
+    "damped-refined": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2),
 }
 #: Candidate-table rows of the ``blocks`` comparison: about 2.4 and 4.1 bits per weight.
 TABLE_ROWS = {"attn": (2, 6), "mlp": (2, 7)}
+
+
+def arguments(options: QuantizerOptions) -> list[str]:
+    """The ``exl2 convert`` arguments that quantize as ``options`` says, every one explicit."""
+    return ["--scale-search", options.search, "--fit", options.fit, "--fit-strength", str(options.fit_strength),
+            "--bit-layout", options.layout, "--refine", str(options.refine)]
 
 
 def model_dir(name_or_path: str | None) -> str:
@@ -82,7 +90,7 @@ def whole(args: argparse.Namespace) -> None:
             if not timing.is_file():  # a rerun in the same --work reuses the finished conversions
                 seconds = convert(["-i", args.model, "-o", str(work / "job"), "-nr", "-m", str(measurement),
                                    "-b", str(bits), "-r", str(args.rows), "-l", str(args.length), "-cf",
-                                   str(out), *VARIANTS[name]])
+                                   str(out), *arguments(VARIANTS[name])])
                 timing.write_text(f"{seconds:.1f}\n")
             seconds = float(timing.read_text())
             result = evaluate(open_model(out, "cpu"), windows, ref)
@@ -98,7 +106,7 @@ def blocks(args: argparse.Namespace) -> None:
     from exl2core.modules.forward import module_forward
     from exl2core.pipeline.calibration import calibration_rows
     from exl2core.pipeline.hidden import HiddenStates
-    from exl2core.pipeline.quantize import QuantizerOptions, quantize_module
+    from exl2core.pipeline.quantize import quantize_module
     from exl2core.pipeline.runner import embed_rows, forward_rows
     from exl2core.plugins import resolve_plan
     from exl2core.quant.qparams import table_setting
@@ -112,13 +120,6 @@ def blocks(args: argparse.Namespace) -> None:
     cal = embedded(calibration_rows(source.tokenizer, source.config.vocab_size, args.rows, args.length))
     held = embedded(token_windows(source.tokenizer, load_text(), args.length, max(1, args.rows // 2)))
     modules = [m for m in plan.modules[1:] if m.slots][: 2 * args.layers]
-    options = {"exllamav2": QuantizerOptions(search="exllamav2"), "previous-default": QuantizerOptions(),
-               "sequential": QuantizerOptions(fit="sequential"), "asymmetric": QuantizerOptions(fit="asymmetric"),
-               "layout": QuantizerOptions(layout="hessian"),
-               "all": QuantizerOptions(fit="asymmetric", layout="hessian"),
-               "damped": QuantizerOptions(fit="asymmetric", fit_strength=0.5),
-               "refined": QuantizerOptions(fit="asymmetric", refine=2),
-               "damped-refined": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2)}
     print(f"{args.model}: calibration {args.rows}×{args.length}, held-out {len(held)}×{args.length}; relative "
           "error of the hidden state after each block vs the unquantized model on the held-out rows")
     print("| table row (attn, mlp) | variant | " + " | ".join(f"{m.layer}.{m.mode[:4]}"
@@ -126,7 +127,7 @@ def blocks(args: argparse.Namespace) -> None:
     print("|---|---|" + "---|" * (len(modules) // 2 + 1))
     for attn_row, mlp_row in zip(TABLE_ROWS["attn"], TABLE_ROWS["mlp"]):
         for name in args.variants:
-            opts = options[name]
+            opts = VARIANTS[name]
             q_cal, ref_cal, q_held, ref_held = cal, cal, held, held
             errors, seconds = [], 0.0
             for module in modules:

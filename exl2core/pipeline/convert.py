@@ -79,6 +79,12 @@ def job_plan(plugins: Plugins, source: SourceModel, settings: Settings) -> Model
     return with_rope_overrides(plugins.resolve_plan(source.config, settings.arch, source.keys()), settings)
 
 
+def quantizer_options(s: Settings) -> QuantizerOptions:
+    """How the job's quantization pass quantizes its linears."""
+    return QuantizerOptions(search=s.scale_search, fit=s.fit, layout=s.layout, fit_strength=s.fit_strength,
+                            refine=s.refine)
+
+
 def validate_settings(s: Settings) -> None:
     if s.head_bits not in HEAD_OPTIONS:
         raise Exl2Error(f"head bits must be one of {', '.join(map(str, HEAD_BITS))}, not {s.head_bits}")
@@ -89,12 +95,9 @@ def validate_settings(s: Settings) -> None:
             raise Exl2Error(f"{name.replace('_', ' ')} must be at least 1")
     if s.fit not in FITS:
         raise Exl2Error(f"fit must be one of {', '.join(FITS)}, not {s.fit!r}")
-    if not 0.0 < s.fit_strength <= 1.0:
-        raise Exl2Error(f"fit strength must be in (0, 1], not {s.fit_strength}")
-    if s.refine < 0:
-        raise Exl2Error(f"refinement sweeps must be 0 or more, not {s.refine}")
     if s.layout not in LAYOUTS:
         raise Exl2Error(f"bit layout must be one of {', '.join(LAYOUTS)}, not {s.layout!r}")
+    quantizer_options(s)  # its own checks (fit strength, refinement sweeps), before any work starts
     if s.measure not in MEASURE_MODES:
         raise Exl2Error(f"measurement mode must be one of {', '.join(MEASURE_MODES)}, not {s.measure!r}")
     if s.sensitivity not in SENSITIVITY_MODES:
@@ -249,8 +252,7 @@ class Converter:
         errors = dict(self.job.state.get("module_errors", {}))
         notes = dict(self.job.state.get("calibration_notes", {}))
         self.report.stage("Quantizing", len(modules) - 1, start - 1)
-        options = QuantizerOptions(search=self.s.scale_search, fit=self.s.fit, layout=self.s.layout,
-                                   fit_strength=self.s.fit_strength, refine=self.s.refine)
+        options = quantizer_options(self.s)
         states, reference = HiddenStates.load_with_reference(self.job.path(self.job.state["hidden_states"]),
                                                              self.device, self.rt.gpu_rows, self.ranks)
         self._check_shard(states)

@@ -103,9 +103,11 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         ref_outputs = None if reference is None else forward_rows(fwd, module, weights, reference)
         return ModuleResult(outputs, reference_outputs=ref_outputs)
     if isinstance(module, HeadModule):
-        hessians = _reduce_for(module, module.linears, head_hessians(module, states, reference), states)
+        owners = share_linears(module.linears, ranks)
+        hessians = reduce_hessians(head_hessians(module, states, reference), states, hessian_users(module, owners))
         notes = calibration_report(module, hessians)
-        _quantize_linears(module, module.linears, weights, hessians, strategy, head_bits, out_dir, options, ranks)
+        _quantize_linears(module, module.linears, owners, weights, hessians, strategy, head_bits, out_dir, options,
+                          ranks)
         ppl = NextTokenLoss(ppl_ids)
         if ppl_ids is not None:
             forward_rows(fwd, module, weights, states, rows=len(ppl_ids), reduce=ppl.add)
@@ -127,7 +129,9 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     collected = collect(fwd, module, weights, states, reference=reference, reference_weights=unquantized,
                         paired=first_only, keep=keep, inputs=first_only or None, stop_after=first_only)
     targets = collected.reference_outputs if asymmetric else collected.outputs
-    hessians = _reduce_for(module, stages[0], collected.hessians, states)
+    # Each stage's linears go to ranks as ``share_linears`` says; each Hessian only to the ranks using it.
+    owners = [share_linears(stage, ranks) for stage in stages]
+    hessians = reduce_hessians(collected.hessians, states, hessian_users(module, owners[0]))
     seen = dict(hessians)
     for index, stage in enumerate(stages):
         if not stage:
@@ -136,21 +140,14 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
             hessians = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
                                reference_weights=unquantized, reference_inputs=collected.reference_inputs,
                                paired=stage_inputs[index] if asymmetric else frozenset()).hessians
-            hessians = _reduce_for(module, stage, hessians, states)
+            hessians = reduce_hessians(hessians, states, hessian_users(module, owners[index]))
             seen.update((name, h) for name, h in hessians.items() if name not in seen)
-        _quantize_linears(module, stage, weights, hessians, strategy, head_bits, out_dir, options, ranks)
+        _quantize_linears(module, stage, owners[index], weights, hessians, strategy, head_bits, out_dir, options,
+                          ranks)
     notes = calibration_report(module, seen)
     outputs = forward_rows(fwd, module, weights, states)
     return ModuleResult(outputs, error=relative_error(outputs, targets, ranks), notes=notes,
                         reference_outputs=collected.reference_outputs)
-
-
-def _reduce_for(module: Module, linears: list[Linear], hessians: dict[str, Hessian],
-                states: HiddenStates) -> dict[str, Hessian]:
-    """The Hessians over every rank's rows, each on the ranks that quantize ``linears`` from it
-    (``share_linears``, as :func:`_quantize_linears` shares them out), the rest (token counts) everywhere."""
-    owners = share_linears(linears, states.shard.ranks)
-    return reduce_hessians(hessians, states, hessian_users(module, owners))
 
 
 def _reference_bytes(module: Module, names: set[str], states: HiddenStates) -> int:
@@ -160,14 +157,13 @@ def _reference_bytes(module: Module, names: set[str], states: HiddenStates) -> i
     return len(states) * row.shape[0] * features * row.element_size()
 
 
-def _quantize_linears(module: Module, linears: list[Linear], weights: dict[str, torch.Tensor],
-                      hessians: dict[str, Hessian], strategy: dict, head_bits: int, out_dir: Path,
-                      options: QuantizerOptions, ranks: Ranks = SINGLE) -> None:
+def _quantize_linears(module: Module, linears: list[Linear], owners: dict[str, int],
+                      weights: dict[str, torch.Tensor], hessians: dict[str, Hessian], strategy: dict,
+                      head_bits: int, out_dir: Path, options: QuantizerOptions, ranks: Ranks = SINGLE) -> None:
     """Quantize, pack, save and verify ``linears``; each weight is replaced by its dequantized packing.
 
-    On several ranks each quantizes its share of the linears (``share_linears``) and the packed tensors
-    go to every rank (a fraction of the weights' size); rank 0 saves them."""
-    owners = share_linears(linears, ranks)
+    On several ranks each quantizes the linears ``owners`` gives it (``share_linears``) and the packed
+    tensors go to every rank (a fraction of the weights' size); rank 0 saves them."""
     mine = [lin for lin in linears if owners[lin.name] == ranks.rank]
     prepared = prepare_hessians(module, hessians, weights[linears[0].name].device, {lin.name for lin in mine})
     packed: dict[tuple[str, str], torch.Tensor] = {}
