@@ -137,9 +137,11 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
         if not stage:
             continue
         if index > 0:
+            # Only the Hessians are read: each forward stops once this stage's inputs are captured.
             hessians = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
                                reference_weights=unquantized, reference_inputs=collected.reference_inputs,
-                               paired=stage_inputs[index] if asymmetric else frozenset()).hessians
+                               paired=stage_inputs[index] if asymmetric else frozenset(),
+                               stop_after=stage_inputs[index]).hessians
             hessians = reduce_hessians(hessians, states, hessian_users(module, owners[index]))
             seen.update((name, h) for name, h in hessians.items() if name not in seen)
         _quantize_linears(module, stage, owners[index], weights, hessians, strategy, head_bits, out_dir, options,
