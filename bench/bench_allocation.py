@@ -4,7 +4,7 @@ by the KL predicted from each linear's output sensitivity; ``--modes`` may add `
 models and held-out text.
 
     python bench/bench_allocation.py [--models smollm2 gemma3-270m] [--bits 2.5 3.0 4.0 5.0]
-        [--modes exact fast fast-marginal fast-isolated] [--fit local] [-mr 4 -ml 512 -r 16 -l 512]
+        [--modes exact fast fast-marginal fast-isolated] [--fit local|asymmetric] [-mr 4 -ml 512 -r 16 -l 512]
         [--eval-rows 8] [--work /tmp/bench_allocation] [--append-to FILE]
 
 Per model: one measurement per mode (``exl2 convert -om``, timed), then for each target one quantization
@@ -152,7 +152,7 @@ def run_model(name: str, model_dir: Path, a, work: Path, results: dict, windows_
             job, out = base / f"q-{tag}", base / f"q-{tag}-model"
             seconds, cpu = convert(["-i", str(model_dir), "-o", str(job), "-m", str(base / f"meas-{mode}.json"),
                                "-b", str(bits), "-r", str(a.rows), "-l", str(a.length), "-cf", str(out),
-                               "--fit", a.fit],
+                               *(["--fit", a.fit] if a.fit else [])],
                               base / f"q-{tag}.log")
             state = json.loads((job / "job.json").read_text())["state"]
             result = evaluate(open_model(out, "cpu"), windows, ref, data=DEFAULT_DATA_NAME)
@@ -235,8 +235,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 4.0, 5.0])
     parser.add_argument("--modes", nargs="+", default=["exact", "fast-isolated"], choices=list(MODES))
-    parser.add_argument("--fit", default="local", help="the quantization pass's fit, the same for every mode "
-                        "(local: the results recorded before the asymmetric fit became the default)")
+    parser.add_argument("--fit", help="the quantization pass's fit, the same for every mode (default: exl2 "
+                        "convert's; local: the results recorded before the asymmetric fit became the default)")
     parser.add_argument("-mr", "--measurement-rows", type=int, default=4)
     parser.add_argument("-ml", "--measurement-length", type=int, default=512)
     parser.add_argument("-r", "--rows", type=int, default=16)
