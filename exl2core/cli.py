@@ -69,10 +69,11 @@ def _add_convert(sub) -> None:
                         "candidate, bits allocated by the KL predicted from the model's output sensitivity; exact: "
                         "one block forward per candidate, as exllamav2, bits allocated by the sum of squared "
                         "errors; hessian: GPTQ per candidate scored on its Hessian, allocated as fast")
-    p.add_argument("--sensitivity", default="isolated", metavar="{isolated,marginal,fisher}",
+    p.add_argument("--sensitivity", default="isolated", metavar="{isolated,linear,marginal,fisher}",
                    help="how fast and hessian measurement weight a slot's predicted KL: isolated (default): the "
-                        "Fisher prediction scaled by the measured KL of the slot's error alone; marginal: by what "
-                        "it adds to the KL of a model with every slot quantized; fisher: the Fisher prediction alone")
+                        "Fisher prediction scaled by the measured KL of the slot's error alone; linear: each "
+                        "linear's by the measured KL of its own error alone; marginal: by what it adds to the KL "
+                        "of a model with every slot quantized; fisher: the Fisher prediction alone")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")

@@ -371,12 +371,15 @@ class Converter:
             rows = marginal_rows(ids)
             self.report.stage("Marginal KL", len(self.plan.modules))
             started = time.monotonic()
+            per_linear = self.s.sensitivity == "linear"
             scales = measure_marginals(self.plan, weights_of, rows, self.device, sensitivity,
-                                       isolated=self.s.sensitivity == "isolated",
+                                       mode=self.s.sensitivity, seed=self.s.seed,
                                        on_module=self.report.advance).scales()
-            sensitivity = replace(sensitivity, scales=scales)
+            sensitivity = (replace(sensitivity, linear_scales=scales) if per_linear
+                           else replace(sensitivity, scales=scales))
             ordered = sorted(scales.values())
-            self.report.log(f"marginal KL of {len(scales)} slots from {rows.shape[0]} × {rows.shape[1]} tokens in "
+            units = "linears" if per_linear else "slots"
+            self.report.log(f"marginal KL of {len(scales)} {units} from {rows.shape[0]} × {rows.shape[1]} tokens in "
                             f"{time.monotonic() - started:.1f} s: measured ÷ predicted {ordered[0]:.2f} … "
                             f"{ordered[len(ordered) // 2]:.2f} (median) … {ordered[-1]:.2f}")
         return sensitivity

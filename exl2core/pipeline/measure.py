@@ -184,7 +184,7 @@ def _estimate_slot(module: Module, slot: Slot, errors: dict[tuple[str, str], tor
     records, kls = [], []
     for settings, per_linear in _candidates(module, slot, linear_errors):
         noise = math.fsum(errors.sum().item() for errors, _ in per_linear.values())
-        kl = math.fsum(sensitivity.predicted_kl(module, name, errors, tokens)
+        kl = math.fsum(sensitivity.linear_scale(module, name) * sensitivity.predicted_kl(module, name, errors, tokens)
                        for name, (errors, _) in per_linear.items())
         accuracy = max(1e-6, 1.0 - math.sqrt(noise / signal)) if signal > 0 else 1e-6
         records.append({"accuracy": accuracy, "total_bits": sum(bits for _, bits in per_linear.values()),

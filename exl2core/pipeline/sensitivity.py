@@ -44,15 +44,19 @@ MIN_SENSITIVITY_TOKENS = 512
 HEAD_CHUNK = 256
 #: Prefix of the slot scales' names in the saved file (gradients are named ``module/linear``).
 SCALE_PREFIX = "scale:"
+#: Prefix of the per-linear scales' names (``--sensitivity linear``).
+LINEAR_SCALE_PREFIX = "linear-scale:"
 
 
 @dataclass(frozen=True)
 class Sensitivity:
     """Mean squared output gradient per output channel of every measured linear (float64), and, when the
-    marginal-KL pass ran (``pipeline.marginal``), each slot's measured-to-predicted KL scale."""
+    marginal-KL pass ran (``pipeline.marginal``), the measured-to-predicted KL scale of each slot
+    (``scales``, by slot key) or of each linear (``linear_scales``, by :meth:`key`)."""
 
     grads: dict[str, torch.Tensor]
     scales: dict[str, float] | None = None
+    linear_scales: dict[str, float] | None = None
 
     @staticmethod
     def key(module: Module, name: str) -> str:
@@ -67,20 +71,28 @@ class Sensitivity:
         return 0.5 * (self.of(module, name).to(errors) * errors).sum().item() / max(tokens, 1)
 
     def scale(self, slot: Slot) -> float:
-        """The factor the slot's predicted KL is multiplied by: 1 without the marginal-KL pass."""
+        """The factor the slot's predicted KL is multiplied by: 1 without slot scales."""
         return 1.0 if self.scales is None else self.scales[slot.key]
 
+    def linear_scale(self, module: Module, name: str) -> float:
+        """The factor linear ``name``'s predicted KL is multiplied by: 1 without per-linear scales."""
+        return 1.0 if self.linear_scales is None else self.linear_scales[self.key(module, name)]
+
     def save(self, path: str | Path) -> None:
-        scales = {} if self.scales is None else {
-            SCALE_PREFIX + key: torch.tensor(value, dtype=torch.float64) for key, value in self.scales.items()}
+        scales = {prefix + key: torch.tensor(value, dtype=torch.float64)
+                  for prefix, values in ((SCALE_PREFIX, self.scales), (LINEAR_SCALE_PREFIX, self.linear_scales))
+                  for key, value in (values or {}).items()}
         save_tensors(path, {**self.grads, **scales})
 
     @classmethod
     def load(cls, path: str | Path) -> "Sensitivity":
         tensors = load_tensors(path)
-        scales = {k[len(SCALE_PREFIX):]: t.item() for k, t in tensors.items() if k.startswith(SCALE_PREFIX)}
-        grads = {k: t for k, t in tensors.items() if not k.startswith(SCALE_PREFIX)}
-        return cls(grads, scales or None)
+
+        def scales(prefix: str) -> dict[str, float] | None:
+            return {k[len(prefix):]: t.item() for k, t in tensors.items() if k.startswith(prefix)} or None
+
+        grads = {k: t for k, t in tensors.items() if not k.startswith((SCALE_PREFIX, LINEAR_SCALE_PREFIX))}
+        return cls(grads, scales(SCALE_PREFIX), scales(LINEAR_SCALE_PREFIX))
 
 
 def sensitivity_rows(ids: torch.Tensor, plan: ModelPlan, element_size: int) -> torch.Tensor:
