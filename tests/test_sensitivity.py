@@ -152,17 +152,24 @@ def test_fast_records_match_a_direct_computation(tiny_llama):
     prepared = prepare_hessians(module, hessians, "cpu")
     tokens = sum(x_.shape[0] for x_ in inputs["hidden"][:1]) if "hidden" in inputs else 3 * 20
     assert len(record) == len(TABLES["attn"]) == len(kl)
+    # Per-linear scales (``--sensitivity linear``) weight each linear's share by its own factor.
+    factors = {lin.name: 1.0 + i for i, lin in enumerate(module.linears)}
+    scaled = replace(sens, linear_scales={Sensitivity.key(module, n): f for n, f in factors.items()})
+    scaled_kl = estimate_module(fwd, module, weights, states, scaled, "hessian")[1]
     for row in (0, 7, len(record) - 1):
-        noise = signal = predicted = 0.0
+        noise = signal = predicted = weighted = 0.0
         for lin in module.linears:
             q = quantize_linear(weights[lin.name], prepared[lin.name], table_setting("attn", row, lin.role))
             dw = q.weight[: lin.out_features].float() - weights[lin.name]
             out_err = x[lin.input] @ dw.T
             noise += out_err.pow(2).sum().item()
             signal += (x[lin.input] @ weights[lin.name].T).pow(2).sum().item()
-            predicted += 0.5 * (sens.of(module, lin.name) * out_err.double().pow(2).sum(0)).sum().item() / tokens
+            share = 0.5 * (sens.of(module, lin.name) * out_err.double().pow(2).sum(0)).sum().item() / tokens
+            predicted += share
+            weighted += factors[lin.name] * share
         assert math.isclose(record[row]["accuracy"], 1 - math.sqrt(noise / signal), rel_tol=1e-5)
         assert math.isclose(kl[row], predicted, rel_tol=1e-4)
+        assert math.isclose(scaled_kl[row], weighted, rel_tol=1e-4)
         assert record[row]["total_bits"] == measure_module(fwd, module, weights, states)[0][row]["total_bits"]
 
 
