@@ -74,6 +74,9 @@ def _add_convert(sub) -> None:
                         "Fisher prediction scaled by the measured KL of the slot's error alone; linear: each "
                         "linear's by the measured KL of its own error alone; marginal: by what it adds to the KL "
                         "of a model with every slot quantized; fisher: the Fisher prediction alone")
+    p.add_argument("--kl-samples", type=int, default=256, metavar="N",
+                   help="vocabulary entries drawn per token for the KLs --sensitivity measures (default 256; "
+                        "0: the whole vocabulary)")
     p.add_argument("--checkpoint-interval", type=float, default=180.0,
                    help="seconds of work between checkpoints (default 180)")
     p.add_argument("--status-json", action="store_true", help="print machine-readable progress lines")
@@ -104,7 +107,7 @@ def _convert(args) -> int:
         output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
         seed=args.seed, scale_search=args.scale_search, fit=args.fit, fit_strength=args.fit_strength,
         refine=args.refine, layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure,
-        sensitivity=args.sensitivity)
+        sensitivity=args.sensitivity, kl_samples=args.kl_samples)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ranks = join(device)
     if ranks.world > 1:

@@ -179,3 +179,9 @@ def test_resume_with_another_sensitivity_is_refused(convert_model, tmp_path, cap
     assert run_cli([*job, "-om", str(tmp_path / "m.json"), "--sensitivity", "marginal"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "sensitivity: 'fisher' (job) vs 'marginal' (now)" in err
+
+
+def test_negative_kl_samples_are_a_one_line_error(convert_model, tmp_path, capsys):
+    assert run_cli(["-i", str(convert_model), "-o", str(tmp_path / "job"), "--kl-samples", "-1"]) != 0
+    err = capsys.readouterr().err
+    assert "KL samples must be 0 (the whole vocabulary) or more" in err and "Traceback" not in err

@@ -102,6 +102,8 @@ def validate_settings(s: Settings) -> None:
         raise Exl2Error(f"measurement mode must be one of {', '.join(MEASURE_MODES)}, not {s.measure!r}")
     if s.sensitivity not in SENSITIVITY_MODES:
         raise Exl2Error(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, not {s.sensitivity!r}")
+    if s.kl_samples < 0:
+        raise Exl2Error(f"KL samples must be 0 (the whole vocabulary) or more, not {s.kl_samples}")
     if s.output_measurement and s.compile_full:
         raise Exl2Error("-om (measure only) and -cf (compile) cannot be combined")
 
@@ -373,7 +375,7 @@ class Converter:
             started = time.monotonic()
             per_linear = self.s.sensitivity == "linear"
             scales = measure_marginals(self.plan, weights_of, rows, self.device, sensitivity,
-                                       mode=self.s.sensitivity, seed=self.s.seed,
+                                       mode=self.s.sensitivity, samples=self.s.kl_samples, seed=self.s.seed,
                                        on_module=self.report.advance).scales()
             sensitivity = (replace(sensitivity, linear_scales=scales) if per_linear
                            else replace(sensitivity, scales=scales))

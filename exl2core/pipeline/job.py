@@ -69,6 +69,9 @@ class Settings:
     # ``marginal.SENSITIVITY_MODES`` (fast and hessian measurement); jobs from before the option used the
     # Fisher prediction alone.
     sensitivity: str = field(default="isolated", metadata=_stage("measure", legacy="fisher"))
+    # Vocabulary entries drawn per token for the marginal-KL pass's KLs (0: the whole vocabulary, as jobs from
+    # before the setting).
+    kl_samples: int = field(default=256, metadata=_stage("measure", legacy=0))
     # How the quantization pass fits each linear and lays out its groups (pipeline.quantize); jobs from
     # before these settings used exllamav2's local fit and the table layout.
     fit: str = field(default="asymmetric", metadata=_stage("quant", legacy="local"))

@@ -14,8 +14,11 @@ slot's scale; the allocator multiplies every candidate's predicted KL by it.
 ``linear`` measures the isolated KL of each linear alone: within one SmolLM2 attention block the measured ÷
 predicted ratio of ``k_proj`` and ``v_proj`` is up to 2.8× and 4.6× where ``q_proj`` and ``o_proj`` stay near
 1.1 (the softmax the Fisher model linearises), so one scale per slot misprices the table rows that move bits
-between them. Its many streams would make the vocabulary-wide head the cost, so their KL is sampled
-(:func:`_kl_divergences`).
+between them.
+
+Each stream's KL through the vocabulary-wide head would be most of the pass's cost (SmolLM2: 105 of 166 s),
+so by default it is estimated from vocabulary entries drawn from the unquantized distribution
+(:func:`_kl_divergences`, ``--kl-samples``).
 
 Streamed module by module like the other passes: the unquantized stream, the all-quantized stream
 (``marginal``), and one stream per slot (per linear), branching at its module. The cost is one forward of
@@ -49,9 +52,6 @@ REFERENCE_BPW = 3.0
 MARGINAL_TOKENS = 1024
 #: Scales are clamped to this range: a leave-one-out difference is noisy where a slot barely matters.
 SCALE_RANGE = (0.25, 8.0)
-#: Vocabulary entries drawn per token for the sampled KL of ``linear`` (``isolated`` and ``marginal`` read the
-#: whole vocabulary, as when they were benchmarked).
-KL_SAMPLES = 256
 
 
 def marginal_rows(ids: torch.Tensor) -> torch.Tensor:
@@ -92,16 +92,14 @@ class Marginals:
 
 def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, torch.Tensor]], ids: torch.Tensor,
                       device: torch.device, sensitivity: Sensitivity, *, mode: str = "marginal",
-                      samples: int | None = None, seed: int = 0,
+                      samples: int = 0, seed: int = 0,
                       on_module: Callable[[], None] | None = None) -> Marginals:
     """The marginals of every slot of ``plan`` on the token rows ``ids``, as ``mode`` (one of
-    ``SENSITIVITY_MODES`` but ``fisher``) says; ``samples`` vocabulary entries per token (seeded by
-    ``seed``; 0: the whole vocabulary) give each KL, by default ``KL_SAMPLES`` for ``linear`` and 0 for
-    the others. ``on_module`` is called once per module."""
+    ``SENSITIVITY_MODES`` but ``fisher``) says; each KL from ``samples`` vocabulary entries drawn per token
+    (seeded by ``seed``; 0: the whole vocabulary). ``on_module`` is called once per module."""
     if mode not in SENSITIVITY_MODES or mode == "fisher":
         raise ValueError(f"no marginal-KL pass for sensitivity {mode!r}")
     isolated, per_linear = mode != "marginal", mode == "linear"
-    samples = (KL_SAMPLES if per_linear else 0) if samples is None else samples
     modules = plan.modules
     last = max(i for i, m in enumerate(modules) if m.slots)
     fp: HiddenStates | None = None
