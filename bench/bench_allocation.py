@@ -4,7 +4,7 @@ by the KL predicted from each linear's output sensitivity; ``--modes`` may add `
 models and held-out text.
 
     python bench/bench_allocation.py [--models smollm2 gemma3-270m] [--bits 2.5 3.0 4.0 5.0]
-        [--modes exact fast fast-marginal fast-isolated fast-linear] [--fit local|asymmetric] [-mr 4 -ml 512 -r 16 -l 512]
+        [--modes exact fast fast-marginal fast-isolated fast-isolated-whole fast-linear] [--fit local|asymmetric] [-mr 4 -ml 512 -r 16 -l 512]
         [--eval-rows 8] [--work /tmp/bench_allocation] [--append-to FILE]
 
 Per model: one measurement per mode (``exl2 convert -om``, timed), then for each target one quantization
@@ -40,14 +40,15 @@ from exl2core.model.exl2_weights import open_model  # noqa: E402
 
 #: Mode name → the ``exl2 convert`` arguments of its measurement. ``fast`` weights each slot's predicted KL
 #: by the Fisher sensitivity alone (the method before ``--sensitivity``), ``fast-marginal`` scales it by the
-#: slot's measured marginal KL, ``fast-isolated`` by the KL of the slot's error alone, ``fast-linear`` each linear's
-#: by the KL of its own error alone.
+#: slot's measured marginal KL, ``fast-isolated`` by the KL of the slot's error alone (``-whole``: that KL summed over
+#: the whole vocabulary, as before ``--kl-samples``), ``fast-linear`` each linear's by the KL of its own error alone.
 MODES = {
     "exact": ["--measure", "exact"],
     "hessian": ["--measure", "hessian", "--sensitivity", "fisher"],
     "fast": ["--measure", "fast", "--sensitivity", "fisher"],
     "fast-marginal": ["--measure", "fast", "--sensitivity", "marginal"],
     "fast-isolated": ["--measure", "fast", "--sensitivity", "isolated"],
+    "fast-isolated-whole": ["--measure", "fast", "--sensitivity", "isolated", "--kl-samples", "0"],
     "fast-linear": ["--measure", "fast", "--sensitivity", "linear"],
 }
 
