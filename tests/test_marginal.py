@@ -108,17 +108,19 @@ def test_measured_marginals_match_a_direct_computation(tiny_llama, mode):
 
 def test_sampled_kl_estimates_the_whole_vocabulary_kl(tiny_llama):
     """The KL from vocabulary entries drawn from p (``log E_p[e^Δz] − E_p[Δz]``) against the whole sum: within
-    a few per cent at 2048 draws a token, its bias (about −KL / draws) and noise shrinking with more."""
+    a few per cent at 2048 draws a token, its bias (about −KL / draws) and noise shrinking with more. At 16
+    draws a token a row's draws miss part of the vocabulary, so each stream's logits are those of a cut head."""
     ids = tiny_llama.random_ids(batch=2, length=48)
     plan, weights_of, sens = _setup(tiny_llama, ids)
     exact = measure_marginals(plan, weights_of, ids, "cpu", sens, mode="linear", samples=0).measured
     errors = {}
-    for samples in (64, 2048):
+    for samples in (16, 2048):
         sampled = measure_marginals(plan, weights_of, ids, "cpu", sens, mode="linear", samples=samples).measured
         assert sampled.keys() == exact.keys()
         errors[samples] = [abs(sampled[k] / exact[k] - 1) for k in exact]
+    assert max(errors[16]) < 0.25
     assert max(errors[2048]) < 0.05
-    assert sum(errors[2048]) < sum(errors[64])
+    assert sum(errors[2048]) < sum(errors[16])
 
 
 @pytest.mark.parametrize("name,dims", [("mixtral", dict(num_local_experts=4, num_experts_per_tok=2,

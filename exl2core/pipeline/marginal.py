@@ -200,7 +200,7 @@ def _kl_divergences(tail: list[Module], weights_of, fp: HiddenStates, streams: d
                                               generator=generator).to(ref.device)
                     entries, index = torch.unique(drawn, return_inverse=True)
                     rows_head, rows_weights = _head_rows(head, weights[-1], entries)
-                    z_ref = ref.flatten(0, -2).gather(-1, index)  # log p: the logits up to a per-token constant
+                    z_ref = ref.flatten(0, -2).gather(-1, drawn)  # log p: the logits up to a per-token constant
                 for key, stream in streams.items():
                     x = stream.row(r)[:, t0:t0 + HEAD_CHUNK]
                     if samples:
