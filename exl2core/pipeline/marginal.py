@@ -44,7 +44,8 @@ from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.qparams import TABLES, QParams, table_setting
 
 #: How a predicted KL is weighted (``--sensitivity``): ``isolated`` and ``marginal`` scale each slot's Fisher
-#: prediction by its measured KL (this module); ``fisher`` uses the Fisher prediction alone.
+#: prediction by its measured KL, ``linear`` each linear's by its own (this module); ``fisher`` uses the Fisher
+#: prediction alone.
 SENSITIVITY_MODES = ("isolated", "linear", "marginal", "fisher")
 #: The bits per weight of the reference setting each slot is quantized with.
 REFERENCE_BPW = 3.0
