@@ -37,6 +37,7 @@ MAX_FILE_BYTES = 600_000
 V1 = MIXES["v1"].quantization
 V2 = MIXES["v2"].quantization
 V3 = MIXES["v3"].quantization
+V4 = MIXES["v4"].quantization
 DEFAULT = MIXES[DEFAULT_MIX].quantization
 # Greek, Cyrillic, Hebrew, Arabic, Indic, Thai, Japanese kana, CJK ideographs, Hangul
 NON_LATIN = re.compile(r"[\u0370-\u03ff\u0400-\u04ff\u0590-\u06ff\u0900-\u0dff\u0e00-\u0e7f"
@@ -135,12 +136,13 @@ def test_default_mix_is_v3_and_mixes_differ(tokenizer: Tokenizer, default_rows: 
         assert not torch.equal(calibration_rows(tokenizer, vocab, 100, 128, mix=older, noise_rows=3), default_rows)
     measurement = calibration_rows(tokenizer, vocab, 100, 128, purpose="measurement", noise_rows=3)
     assert not torch.equal(measurement, default_rows)
-    with pytest.raises(Exl2Error, match="unknown calibration mix 'v9'.*v1, v2, v3"):
+    with pytest.raises(Exl2Error, match="unknown calibration mix 'v9'.*v1, v2, v3, v4"):
         calibration_rows(tokenizer, vocab, 4, 16, mix="v9")
 
 
-@pytest.mark.parametrize("weights", [V1, V2, MIXES["v2"].measurement, V3, MIXES["v3"].measurement],
-                         ids=["v1", "v2", "v2-measurement", "v3", "v3-measurement"])
+@pytest.mark.parametrize("weights", [V1, V2, MIXES["v2"].measurement, V3, MIXES["v3"].measurement, V4,
+                                     MIXES["v4"].measurement],
+                         ids=["v1", "v2", "v2-measurement", "v3", "v3-measurement", "v4", "v4-measurement"])
 def test_domain_counts_cover_every_request(weights: dict[str, float]) -> None:
     for rows in range(0, 300):
         counts = domain_row_counts(rows, weights)
@@ -184,6 +186,15 @@ def test_v3_restores_v1s_share_of_code_adjacent_text_and_keeps_v2s_encyclopedic_
     assert sum(v3[d] for d in code_adjacent) >= 0.33 * 98 > sum(v2[d] for d in code_adjacent)
     assert (v3["encyclopedic"], v3["chat"]) == (v2["encyclopedic"], v2["chat"])
     assert v3["code"] > v1["code"]
+
+
+def test_v4_moves_rows_to_encyclopedic_prose_and_chat_and_keeps_code_adjacent_text() -> None:
+    code_adjacent = ("code", "technical", "dialogue")
+    for rows in (16, 100):
+        v3, v4 = domain_row_counts(rows, V3), domain_row_counts(rows, V4)
+        assert v4["encyclopedic"] + v4["chat"] > v3["encyclopedic"] + v3["chat"], rows
+        assert sum(v4[d] for d in code_adjacent) >= sum(v3[d] for d in code_adjacent), rows
+        assert v4["code"] >= v3["code"], rows
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
