@@ -38,6 +38,8 @@ VARIANTS = {
     "damped": QuantizerOptions(fit="asymmetric", fit_strength=0.5),
     "refined": QuantizerOptions(fit="asymmetric", refine=2),
     "damped-refined": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2),
+    "gptq-damp-0.04": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, damp=0.04),
+    "gptq-damp-0.01": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, damp=0.01),
 }
 #: Candidate-table rows of the ``blocks`` comparison: about 2.4 and 4.1 bits per weight.
 TABLE_ROWS = {"attn": (2, 6), "mlp": (2, 7)}
@@ -46,7 +48,7 @@ TABLE_ROWS = {"attn": (2, 6), "mlp": (2, 7)}
 def arguments(options: QuantizerOptions) -> list[str]:
     """The ``exl2 convert`` arguments that quantize as ``options`` says, every one explicit."""
     return ["--scale-search", options.search, "--fit", options.fit, "--fit-strength", str(options.fit_strength),
-            "--bit-layout", options.layout, "--refine", str(options.refine)]
+            "--bit-layout", options.layout, "--refine", str(options.refine), "--damp", str(options.damp)]
 
 
 def model_dir(name_or_path: str | None) -> str:

@@ -60,6 +60,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--refine", type=int, default=2, metavar="SWEEPS",
                    help="coordinate-descent sweeps over GPTQ's codes at the scales it chose, each lowering the "
                         "Hessian-weighted error (QuantEase; default 2; 0: GPTQ's codes as they are)")
+    p.add_argument("--damp", type=float, default=0.12, metavar="FRACTION",
+                   help="GPTQ's damping in the quantization pass, added to the Hessian's diagonal as this fraction "
+                        "of its mean, in (0, 1] (default 0.12, exllamav2's; reference GPTQ uses 0.01)")
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
                         "moved between the setting's widths and group sizes where GPTQ's error model gains, same "
@@ -106,7 +109,7 @@ def _convert(args) -> int:
         compile_full=args.compile_full, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
         output_measurement=args.output_measurement, measurement=args.measurement, arch=args.arch,
         seed=args.seed, scale_search=args.scale_search, fit=args.fit, fit_strength=args.fit_strength,
-        refine=args.refine, layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure,
+        refine=args.refine, damp=args.damp, layout=args.bit_layout, cal_mix=args.cal_mix, measure=args.measure,
         sensitivity=args.sensitivity, kl_samples=args.kl_samples)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ranks = join(device)

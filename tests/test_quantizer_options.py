@@ -135,6 +135,17 @@ def test_the_rebuilt_hessian_is_the_one_gptq_inverted():
                                rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("percdamp", [PERCDAMP, 0.01])
+def test_damping_adds_its_fraction_of_the_mean_diagonal(percdamp):
+    x = correlated_inputs(K, 1024, seed=13)
+    hessian = Hessian.from_matrix(x.T @ x, 4)
+    prepared = hessian.prepare("q_proj", percdamp=percdamp)
+    h = hessian.mean()[prepared.perm][:, prepared.perm]
+    damp = percdamp * torch.diagonal(h).mean().item()
+    assert prepared.attempts == 1 and prepared.damp == pytest.approx(damp)
+    torch.testing.assert_close(prepared.damped(), h + damp * torch.eye(K), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("row", [0, 4, 9])
 def test_each_refinement_sweep_lowers_gptqs_loss_and_keeps_the_tensors_exact(row):
     k = 512

@@ -82,7 +82,7 @@ def job_plan(plugins: Plugins, source: SourceModel, settings: Settings) -> Model
 def quantizer_options(s: Settings) -> QuantizerOptions:
     """How the job's quantization pass quantizes its linears."""
     return QuantizerOptions(search=s.scale_search, fit=s.fit, layout=s.layout, fit_strength=s.fit_strength,
-                            refine=s.refine)
+                            refine=s.refine, damp=s.damp)
 
 
 def validate_settings(s: Settings) -> None:

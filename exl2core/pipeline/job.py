@@ -81,6 +81,8 @@ class Settings:
     fit_strength: float = field(default=0.5, metadata=_stage("quant", legacy=1.0))
     # Coordinate-descent sweeps over GPTQ's codes (``quant.refine``); jobs from before the setting made none.
     refine: int = field(default=2, metadata=_stage("quant", legacy=0))
+    # GPTQ's damping in the quantization pass (``QuantizerOptions.damp``); the measurement keeps exllamav2's.
+    damp: float = field(default=0.12, metadata=_stage("quant", legacy=0.12))
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); jobs from before the setting
     # calibrated with v1.
     cal_mix: str = field(default=DEFAULT_MIX, metadata=_stage("measure_tokens", legacy=LEGACY_MIX))

@@ -28,7 +28,7 @@ from exl2core.pipeline.job import save_tensors
 from exl2core.distributed import SINGLE, Ranks
 from exl2core.pipeline.runner import (calibration_report, forward_rows, hessian_users, prepare_hessians,
                                       reduce_hessians, relative_error, share_linears)
-from exl2core.quant.gptq import Hessian, quantize_linear
+from exl2core.quant.gptq import PERCDAMP, Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import FITS, HEAD_OPTIONS, QParams
 
@@ -48,6 +48,7 @@ class QuantizerOptions:
     layout: str = "table"
     fit_strength: float = 1.0  # share of the asymmetric fit's correction applied (1: the exact optimum)
     refine: int = 0  # coordinate-descent sweeps over GPTQ's codes (quant.refine)
+    damp: float = PERCDAMP  # GPTQ's damping, a fraction of the Hessian's mean diagonal (Hessian.prepare)
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -56,6 +57,8 @@ class QuantizerOptions:
             raise Exl2Error(f"fit strength must be in (0, 1], not {self.fit_strength}")
         if self.refine < 0:
             raise Exl2Error(f"refinement sweeps must be 0 or more, not {self.refine}")
+        if not 0.0 < self.damp <= 1.0:
+            raise Exl2Error(f"damping must be in (0, 1], not {self.damp}")
 
 
 @dataclass
@@ -167,7 +170,8 @@ def _quantize_linears(module: Module, linears: list[Linear], owners: dict[str, i
     On several ranks each quantizes the linears ``owners`` gives it (``share_linears``) and the packed
     tensors go to every rank (a fraction of the weights' size); rank 0 saves them."""
     mine = [lin for lin in linears if owners[lin.name] == ranks.rank]
-    prepared = prepare_hessians(module, hessians, weights[linears[0].name].device, {lin.name for lin in mine})
+    prepared = prepare_hessians(module, hessians, weights[linears[0].name].device, {lin.name for lin in mine},
+                                percdamp=options.damp)
     packed: dict[tuple[str, str], torch.Tensor] = {}
 
     def replace_weight(lin: Linear, rebuilt: torch.Tensor) -> None:

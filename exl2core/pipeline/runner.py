@@ -11,7 +11,7 @@ from exl2core.errors import Exl2Error
 from exl2core.modules.forward import calibration_notes, module_forward
 from exl2core.plan import Linear, ModelPlan, Module
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.quant.gptq import Hessian, HessianParts, PreparedHessian
+from exl2core.quant.gptq import PERCDAMP, Hessian, HessianParts, PreparedHessian
 
 if TYPE_CHECKING:
     from exl2core.model.source import SourceModel
@@ -149,17 +149,17 @@ def hessian_users(module: Module, owners: dict[str, int]) -> dict[str, frozenset
 
 
 def prepare_hessians(module: Module, hessians: dict[str, Hessian], device: torch.device | str,
-                     names: set[str] | None = None) -> dict[str, PreparedHessian]:
-    """Prepared Hessian per linear name (of the groups holding one of ``names``, default all): each
-    group's owner prepares, the others reuse it. A linear whose input saw no calibration data (an expert
-    no token was routed to) gets the identity."""
+                     names: set[str] | None = None, *, percdamp: float = PERCDAMP) -> dict[str, PreparedHessian]:
+    """Prepared Hessian per linear name (of the groups holding one of ``names``, default all), damped by
+    ``percdamp`` (``Hessian.prepare``): each group's owner prepares, the others reuse it. A linear whose
+    input saw no calibration data (an expert no token was routed to) gets the identity."""
     prepared: dict[str, PreparedHessian] = {}
     for group in module.hessian_groups():
         if names is not None and not names.intersection(group):
             continue
         owner = module.linear(group[0])
         h = hessians.get(owner.input) or Hessian(owner.in_features, device)
-        p = h.prepare(f"{module.key}.{owner.name}")
+        p = h.prepare(f"{module.key}.{owner.name}", percdamp=percdamp)
         for name in group:
             prepared[name] = p
     return prepared
