@@ -38,6 +38,7 @@ VARIANTS = {
     "damped": QuantizerOptions(fit="asymmetric", fit_strength=0.5),
     "refined": QuantizerOptions(fit="asymmetric", refine=2),
     "damped-refined": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2),
+    "gptq-damp-0.25": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, damp=0.25),
     "gptq-damp-0.04": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, damp=0.04),
     "gptq-damp-0.01": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, damp=0.01),
 }

@@ -128,11 +128,11 @@ def test_same_seed_same_rows_other_seed_other_rows(tokenizer: Tokenizer, mix: st
         assert not torch.equal(domain_rows(other, weights, domain), domain_rows(rows, weights, domain)), domain
 
 
-def test_default_mix_is_v3_and_mixes_differ(tokenizer: Tokenizer, default_rows: torch.Tensor) -> None:
+def test_default_mix_is_v4_and_mixes_differ(tokenizer: Tokenizer, default_rows: torch.Tensor) -> None:
     vocab = tokenizer.get_vocab_size()
-    assert DEFAULT_MIX == "v3"
-    assert torch.equal(calibration_rows(tokenizer, vocab, 100, 128, mix="v3", noise_rows=3), default_rows)
-    for older in ("v1", "v2"):
+    assert DEFAULT_MIX == "v4"
+    assert torch.equal(calibration_rows(tokenizer, vocab, 100, 128, mix="v4", noise_rows=3), default_rows)
+    for older in ("v1", "v2", "v3"):
         assert not torch.equal(calibration_rows(tokenizer, vocab, 100, 128, mix=older, noise_rows=3), default_rows)
     measurement = calibration_rows(tokenizer, vocab, 100, 128, purpose="measurement", noise_rows=3)
     assert not torch.equal(measurement, default_rows)
@@ -324,9 +324,9 @@ def test_a_job_resumes_only_with_its_mix(tmp_path: Path) -> None:
 def test_a_job_from_before_the_mix_setting_is_v1(tmp_path: Path) -> None:
     _job(tmp_path, None, "quant")
     saved = json.loads((tmp_path / JOB_FILE).read_text())
-    assert saved["settings"].pop("cal_mix") == "v3"
+    assert saved["settings"].pop("cal_mix") == DEFAULT_MIX
     (tmp_path / JOB_FILE).write_text(json.dumps(saved))
-    with pytest.raises(Exl2Error, match="cal_mix: 'v1' \\(job\\) vs 'v3' \\(now\\)"):
+    with pytest.raises(Exl2Error, match=f"cal_mix: 'v1' \\(job\\) vs '{DEFAULT_MIX}' \\(now\\)"):
         Job.open(tmp_path, Settings(in_dir="/models/m"))
     assert Job.open(tmp_path, Settings(in_dir="/models/m", cal_mix="v1")).settings.cal_mix == "v1"
 

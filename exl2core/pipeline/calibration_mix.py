@@ -81,6 +81,6 @@ MIXES: dict[str, CalibrationMix] = {
                       "multilingual-shuffled": 0.01},
     ),
 }
-DEFAULT_MIX = "v3"
+DEFAULT_MIX = "v4"
 # Jobs whose job.json predates the mix version calibrated with this one.
 LEGACY_MIX = "v1"
