@@ -14,7 +14,7 @@ from pathlib import Path
 from exl2core import __version__
 from exl2core.errors import Exl2Error
 from exl2core.pipeline.calibration_mix import DEFAULT_MIX, LEGACY_MIX, MIXES
-from exl2core.quant.qparams import FITS, LAYOUTS, SCALE_SEARCHES
+from exl2core.quant.qparams import FITS, LAYOUTS, PERCDAMP, SCALE_SEARCHES
 
 
 def _add_convert(sub) -> None:
@@ -60,9 +60,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--refine", type=int, default=2, metavar="SWEEPS",
                    help="coordinate-descent sweeps over GPTQ's codes at the scales it chose, each lowering the "
                         "Hessian-weighted error (QuantEase; default 2; 0: GPTQ's codes as they are)")
-    p.add_argument("--damp", type=float, default=0.12, metavar="FRACTION",
+    p.add_argument("--damp", type=float, default=PERCDAMP, metavar="FRACTION",
                    help="GPTQ's damping in the quantization pass, added to the Hessian's diagonal as this fraction "
-                        "of its mean, in (0, 1] (default 0.12, exllamav2's; reference GPTQ uses 0.01)")
+                        f"of its mean, in (0, 1] (default {PERCDAMP}, exllamav2's; reference GPTQ uses 0.01)")
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
                         "moved between the setting's widths and group sizes where GPTQ's error model gains, same "

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exl2core.quant.gptq import PERCDAMP, Hessian, quantize_linear
+from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.layout import choose_layout
 from exl2core.quant.pack import dequantize, group_layout
-from exl2core.quant.qparams import QParams, pad32, table_setting
+from exl2core.quant.qparams import PERCDAMP, QParams, pad32, table_setting
 
 from failure_helpers import correlated_inputs
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from exl2core.errors import Exl2Error
 from exl2core.pipeline.calibration_mix import DEFAULT_MIX, LEGACY_MIX
+from exl2core.quant.qparams import PERCDAMP
 
 JOB_FILE = "job.json"
 #: Tokens per calibration row unless the user says otherwise (exllamav2's default; the CLI caps it at the
@@ -82,7 +83,7 @@ class Settings:
     # Coordinate-descent sweeps over GPTQ's codes (``quant.refine``); jobs from before the setting made none.
     refine: int = field(default=2, metadata=_stage("quant", legacy=0))
     # GPTQ's damping in the quantization pass (``QuantizerOptions.damp``); the measurement keeps exllamav2's.
-    damp: float = field(default=0.12, metadata=_stage("quant", legacy=0.12))
+    damp: float = field(default=PERCDAMP, metadata=_stage("quant", legacy=PERCDAMP))
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); jobs from before the setting
     # calibrated with v1.
     cal_mix: str = field(default=DEFAULT_MIX, metadata=_stage("measure_tokens", legacy=LEGACY_MIX))

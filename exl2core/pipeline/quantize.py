@@ -28,9 +28,9 @@ from exl2core.pipeline.job import save_tensors
 from exl2core.distributed import SINGLE, Ranks
 from exl2core.pipeline.runner import (calibration_report, forward_rows, hessian_users, prepare_hessians,
                                       reduce_hessians, relative_error, share_linears)
-from exl2core.quant.gptq import PERCDAMP, Hessian, quantize_linear
+from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
-from exl2core.quant.qparams import FITS, HEAD_OPTIONS, QParams
+from exl2core.quant.qparams import FITS, HEAD_OPTIONS, PERCDAMP, QParams
 
 RTN_NUMEL = 1e9
 PPL_HEALTHY = 30.0

@@ -11,7 +11,8 @@ from exl2core.errors import Exl2Error
 from exl2core.modules.forward import calibration_notes, module_forward
 from exl2core.plan import Linear, ModelPlan, Module
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.quant.gptq import PERCDAMP, Hessian, HessianParts, PreparedHessian
+from exl2core.quant.gptq import Hessian, HessianParts, PreparedHessian
+from exl2core.quant.qparams import PERCDAMP
 
 if TYPE_CHECKING:
     from exl2core.model.source import SourceModel

@@ -18,12 +18,11 @@ from exl2core import kernels
 from exl2core.errors import Exl2Error
 from exl2core.quant.layout import choose_layout
 from exl2core.quant.pack import group_scales, make_q_groups, pack_scales
-from exl2core.quant.qparams import LAYOUTS, SCALE_SEARCHES, QParams, pad32
+from exl2core.quant.qparams import LAYOUTS, PERCDAMP, SCALE_SEARCHES, QParams, pad32
 from exl2core.quant.refine import GroupGrid, refine_codes
 from exl2core.quant.rounding import SEARCH_CHUNK_ELEMS, quantize_rows, zero_safe
 from exl2core.quant.treesum import LEAF_ROWS, Node, TreeSum, tree_total
 
-PERCDAMP = 0.12
 DAMP_ATTEMPTS = 10
 SCALE_STEPS = 16  # 2 ** scale_bits
 MIN_P, MAX_P, P_GRID = 0.70, 1.20, 96

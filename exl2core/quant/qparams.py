@@ -26,6 +26,11 @@ FITS = ("local", "sequential", "asymmetric")
 #: GPTQ loss among layouts of exactly the same size).
 LAYOUTS = ("table", "hessian")
 
+#: GPTQ's damping, the fraction of the Hessian's mean diagonal added before inversion (exl2-format §4.2:
+#: exllamav2's; reference GPTQ uses 0.01). The measurement always damps by it; ``--damp`` sets the
+#: quantization pass's.
+PERCDAMP = 0.12
+
 #: Bit widths the 0.3.2 kernels can dequantize (exl2-format §2.10).
 SUPPORTED_BITS = (8, 6, 5, 4, 3, 2)
 
