@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from exl2core.cli import main
+from exl2core.distributed import Ranks
 from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
 from exl2core.pipeline.hidden import HiddenStates
@@ -104,6 +108,44 @@ def test_measured_marginals_match_a_direct_computation(tiny_llama, mode):
     for key, value in direct.items():
         assert marginals.measured[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
     assert all(v > 0 and math.isfinite(v) for v in marginals.predicted.values())
+
+
+MODES = ("marginal", "isolated", "linear")
+
+
+def _marginals_on_rank(rank: int, world: int, port: int, model_path: str, ids: torch.Tensor, out: str) -> None:
+    """Every mode's marginals on rank ``rank`` of ``world`` gloo ranks (one thread each); rank 0 saves them."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    source = SourceModel(model_path)
+    plan = resolve_plan(source.config)
+    weights_of = lambda m: source.module_weights(m, torch.float32, "cpu")  # noqa: E731
+    sens = measure_sensitivity(plan, weights_of, ids, "cpu", 0)
+    found = {mode: measure_marginals(plan, weights_of, ids, "cpu", sens, mode=mode, samples=16,
+                                     ranks=Ranks(rank, world))
+             for mode in MODES}
+    if rank == 0:
+        torch.save({mode: (m.predicted, m.measured) for mode, m in found.items()}, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_the_streams_and_get_the_marginals_of_one(tiny_llama, tmp_path):
+    """Streams dealt out over 2 and 3 ranks give every rank the 1-rank marginals to the bit, keys in order."""
+    ids = tiny_llama.random_ids(batch=2, length=48)
+    results = {}
+    for world in (1, 2, 3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / f"world{world}.pt"
+        mp.spawn(_marginals_on_rank, args=(world, port, str(tiny_llama.path), ids, str(out)), nprocs=world)
+        results[world] = torch.load(out)
+    for world in (2, 3):
+        for mode in MODES:
+            for one, many in zip(results[1][mode], results[world][mode]):
+                assert list(many.items()) == list(one.items()), (world, mode)
 
 
 def test_sampled_kl_estimates_the_whole_vocabulary_kl(tiny_llama):

@@ -21,7 +21,7 @@ from exl2core.distributed import AgreedError, Ranks
 from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
-from exl2core.plan import AttentionModule, HeadModule, ModelPlan, ParallelModule
+from exl2core.plan import AttentionModule, HeadModule, ModelPlan, Module, ParallelModule
 from exl2core.plugins import Plugins, installed
 from exl2core.pipeline import compile as compile_stage
 from exl2core.pipeline.calibration import RowPurpose, calibration_rows, describe_dataset
@@ -348,43 +348,53 @@ class Converter:
             write_model_card(target, Path(self.s.in_dir), card_facts(self.s, self.job.state))
 
     def _sensitivity(self) -> Sensitivity:
-        """The output sensitivity of every measured linear, computed once per job (fast measurement): by
-        rank 0, whose result every rank gets (its rows are few and its sums run in row order)."""
+        """The output sensitivity of every measured linear, computed once per job (fast measurement): the
+        Fisher pass by rank 0, whose result every rank gets (its rows are few and its sums run in row
+        order), then the marginal-KL pass on every rank, each running its share of the streams."""
         name = "sensitivity.safetensors"
         if self.job.state.get("sensitivity") == name:
             return Sensitivity.load(self.job.path(name))
-        sensitivity = self.ranks.broadcast(self.ranks.agree(self._measure_sensitivity, everywhere=False))
+        sensitivity = self.ranks.broadcast(self.ranks.agree(self._fisher_sensitivity, everywhere=False))
+        if self.s.sensitivity != "fisher":
+            sensitivity = self.ranks.agree(lambda: self._with_marginals(sensitivity))
         if self.ranks.main:
             sensitivity.save(self.job.path(name))
         self.job.update(sensitivity=name)
         return sensitivity
 
-    def _measure_sensitivity(self) -> Sensitivity:
-        ids = sensitivity_rows(load_tensors(self.job.path("cal_data.safetensors"))["input_ids"], self.plan,
-                               self.dtype.itemsize)
+    def _sensitivity_ids(self) -> torch.Tensor:
+        return sensitivity_rows(load_tensors(self.job.path("cal_data.safetensors"))["input_ids"], self.plan,
+                                self.dtype.itemsize)
+
+    def _module_weights(self, module: Module) -> dict[str, torch.Tensor]:
+        return self.source.module_weights(module, self.dtype, self.device)
+
+    def _fisher_sensitivity(self) -> Sensitivity:
+        ids = self._sensitivity_ids()
         self.report.stage("Sensitivity", sensitivity_steps(self.plan))
         started = time.monotonic()
-        weights_of = lambda m: self.source.module_weights(m, self.dtype, self.device)  # noqa: E731
-        sensitivity = measure_sensitivity(self.plan, weights_of, ids, self.device, self.s.seed,
+        sensitivity = measure_sensitivity(self.plan, self._module_weights, ids, self.device, self.s.seed,
                                           on_module=self.report.advance)
         self.report.log(f"output sensitivity from {ids.shape[0]} × {ids.shape[1]} tokens "
                         f"in {time.monotonic() - started:.1f} s")
-        if self.s.sensitivity != "fisher":
-            rows = marginal_rows(ids)
-            self.report.stage("Marginal KL", len(self.plan.modules))
-            started = time.monotonic()
-            per_linear = self.s.sensitivity == "linear"
-            scales = measure_marginals(self.plan, weights_of, rows, self.device, sensitivity,
-                                       mode=self.s.sensitivity, samples=self.s.kl_samples, seed=self.s.seed,
-                                       on_module=self.report.advance).scales()
-            sensitivity = (replace(sensitivity, linear_scales=scales) if per_linear
-                           else replace(sensitivity, scales=scales))
-            ordered = sorted(scales.values())
-            units = "linears" if per_linear else "slots"
-            self.report.log(f"marginal KL of {len(scales)} {units} from {rows.shape[0]} × {rows.shape[1]} tokens in "
-                            f"{time.monotonic() - started:.1f} s: measured ÷ predicted {ordered[0]:.2f} … "
-                            f"{ordered[len(ordered) // 2]:.2f} (median) … {ordered[-1]:.2f}")
         return sensitivity
+
+    def _with_marginals(self, sensitivity: Sensitivity) -> Sensitivity:
+        """``sensitivity`` with the slot (or per-linear) scales of the marginal-KL pass."""
+        rows = marginal_rows(self._sensitivity_ids())
+        self.report.stage("Marginal KL", len(self.plan.modules))
+        started = time.monotonic()
+        per_linear = self.s.sensitivity == "linear"
+        scales = measure_marginals(self.plan, self._module_weights, rows, self.device, sensitivity,
+                                   mode=self.s.sensitivity, samples=self.s.kl_samples, seed=self.s.seed,
+                                   ranks=self.ranks, on_module=self.report.advance).scales()
+        ordered = sorted(scales.values())
+        units = "linears" if per_linear else "slots"
+        shared = f" on {self.ranks.world} ranks" if self.ranks.world > 1 else ""
+        self.report.log(f"marginal KL of {len(scales)} {units} from {rows.shape[0]} × {rows.shape[1]} tokens"
+                        f"{shared} in {time.monotonic() - started:.1f} s: measured ÷ predicted {ordered[0]:.2f} … "
+                        f"{ordered[len(ordered) // 2]:.2f} (median) … {ordered[-1]:.2f}")
+        return replace(sensitivity, linear_scales=scales) if per_linear else replace(sensitivity, scales=scales)
 
     def _tokens(self, rows: int, length: int, noise: int, purpose: RowPurpose) -> None:
         def write() -> None:

@@ -22,7 +22,9 @@ so by default it is estimated from vocabulary entries drawn from the unquantized
 
 Streamed module by module like the other passes: the unquantized stream, the all-quantized stream
 (``marginal``), and one stream per slot (per linear), branching at its module. The cost is one forward of
-the rest of the model per stream over ``MARGINAL_TOKENS`` tokens.
+the rest of the model per stream over ``MARGINAL_TOKENS`` tokens. On several ranks the streams are dealt
+out in turn and every rank runs the unquantized stream beside its own; a stream's arithmetic is the same
+on any rank, so the scales do not depend on the rank count.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from exl2core.distributed import Ranks
 from exl2core.errors import Exl2Error
 from exl2core.modules.forward import module_forward
 from exl2core.plan import HeadModule, ModelPlan, Module, Slot
@@ -93,14 +96,37 @@ class Marginals:
 
 def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, torch.Tensor]], ids: torch.Tensor,
                       device: torch.device, sensitivity: Sensitivity, *, mode: str = "marginal",
-                      samples: int = 0, seed: int = 0,
+                      samples: int = 0, seed: int = 0, ranks: Ranks | None = None,
                       on_module: Callable[[], None] | None = None) -> Marginals:
     """The marginals of every slot of ``plan`` on the token rows ``ids``, as ``mode`` (one of
     ``SENSITIVITY_MODES`` but ``fisher``) says; each KL from ``samples`` vocabulary entries drawn per token
-    (seeded by ``seed``; 0: the whole vocabulary). ``on_module`` is called once per module."""
+    (seeded by ``seed``; 0: the whole vocabulary). Every rank of ``ranks`` calls this and gets all of them,
+    having run its share of the streams. ``on_module`` is called once per module."""
     if mode not in SENSITIVITY_MODES or mode == "fisher":
         raise ValueError(f"no marginal-KL pass for sensitivity {mode!r}")
+    ranks = ranks or Ranks()
+    order, predicted, kls = ranks.agree(lambda: _rank_share(plan, weights_of, ids, device, sensitivity, mode,
+                                                            samples, seed, ranks, on_module))
+    predicted = {key: kl for share in ranks.all_gather(predicted) for key, kl in share.items()}
+    kls = {key: kl for share in ranks.all_gather(kls) for key, kl in share.items()}
+    isolated = mode != "marginal"
+    return Marginals({key: predicted[key] for key in order},
+                     {key: kls[key] if isolated else kls[""] - kls[key] for key in order})
+
+
+def _rank_share(plan: ModelPlan, weights_of: Callable[[Module], dict[str, torch.Tensor]], ids: torch.Tensor,
+                device: torch.device, sensitivity: Sensitivity, mode: str, samples: int, seed: int, ranks: Ranks,
+                on_module: Callable[[], None] | None) -> tuple[list[str], dict[str, float], dict[str, float]]:
+    """This rank's part of :func:`measure_marginals`, with no collective (so that an error on one rank
+    reaches the others): every stream key in order, and the predicted and measured KL of this rank's
+    streams (the all-quantized stream as key ``""``)."""
     isolated, per_linear = mode != "marginal", mode == "linear"
+    order: list[str] = []  # every stream key, in the order the streams branch off
+
+    def mine(key: str) -> bool:
+        """Whether this rank runs the stream of ``key`` (the all-quantized stream ``""``: rank 0)."""
+        return (order.index(key) if key else 0) % ranks.world == ranks.rank
+
     modules = plan.modules
     last = max(i for i, m in enumerate(modules) if m.slots)
     fp: HiddenStates | None = None
@@ -127,7 +153,13 @@ def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, 
             units: dict[str, list[str]] = {}  # stream key → the linears it quantizes (isolated) or leaves out
             for slot in module.slots:
                 kl = 0.0
+                if per_linear:
+                    order.extend(Sensitivity.key(module, lin.name) for lin in slot_linears(module, slot))
+                else:
+                    order.append(slot.key)
                 for name, qp in reference_settings(slot, module).items():
+                    if isolated and not mine(Sensitivity.key(module, name) if per_linear else slot.key):
+                        continue
                     lin = module.linear(name)
                     q = quantize_linear(weights[name], prepared[name], qp, bias=weights.get(name + ".bias"))
                     quantized[name] = q.weight[: lin.out_features].to(weights[name])
@@ -141,12 +173,14 @@ def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, 
                         predicted[key] = linear_kl
                         units[key] = [name]
                     kl += linear_kl
-                if not per_linear:
+                if not per_linear and (mine(slot.key) or not isolated):
                     predicted[slot.key] = kl
                     units[slot.key] = [lin.name for lin in slot_linears(module, slot)]
             streams = {k: s.replaced(forward_rows(fwd, module, weights if isolated else quantized, s))
                        for k, s in streams.items()}
             for key, names in units.items():
+                if not mine(key):
+                    continue
                 trial, source = (dict(weights), fp) if isolated else (dict(quantized), base)
                 for name in names:
                     trial[name] = quantized[name] if isolated else weights[name]
@@ -156,12 +190,12 @@ def measure_marginals(plan: ModelPlan, weights_of: Callable[[Module], dict[str, 
         del weights
         if on_module:
             on_module()
-    compared = streams if isolated else {"": base, **streams}
+    compared = streams if isolated or not ranks.main else {"": base, **streams}
     kls = _kl_divergences(modules[last + 1:], weights_of, fp, compared, device, samples, seed)
     if on_module:
         for _ in modules[last + 1:]:
             on_module()
-    return Marginals(predicted, {key: kls[key] if isolated else kls[""] - kls[key] for key in predicted})
+    return order, {key: predicted[key] for key in streams}, kls
 
 
 def _kl_divergences(tail: list[Module], weights_of, fp: HiddenStates, streams: dict[str, HiddenStates],
