@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from test_distributed import free_port
 
 from exl2core.cli import main
 from exl2core.distributed import Ranks
@@ -136,11 +137,8 @@ def test_ranks_share_the_streams_and_get_the_marginals_of_one(tiny_llama, tmp_pa
     ids = tiny_llama.random_ids(batch=2, length=48)
     results = {}
     for world in (1, 2, 3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         out = tmp_path / f"world{world}.pt"
-        mp.spawn(_marginals_on_rank, args=(world, port, str(tiny_llama.path), ids, str(out)), nprocs=world)
+        mp.spawn(_marginals_on_rank, args=(world, free_port(), str(tiny_llama.path), ids, str(out)), nprocs=world)
         results[world] = torch.load(out)
     for world in (2, 3):
         for mode in MODES:

@@ -354,23 +354,20 @@ class Converter:
         name = "sensitivity.safetensors"
         if self.job.state.get("sensitivity") == name:
             return Sensitivity.load(self.job.path(name))
-        sensitivity = self.ranks.broadcast(self.ranks.agree(self._fisher_sensitivity, everywhere=False))
+        ids = sensitivity_rows(load_tensors(self.job.path("cal_data.safetensors"))["input_ids"], self.plan,
+                               self.dtype.itemsize)
+        sensitivity = self.ranks.broadcast(self.ranks.agree(lambda: self._fisher_sensitivity(ids), everywhere=False))
         if self.s.sensitivity != "fisher":
-            sensitivity = self.ranks.agree(lambda: self._with_marginals(sensitivity))
+            sensitivity = self.ranks.agree(lambda: self._with_marginals(sensitivity, ids))
         if self.ranks.main:
             sensitivity.save(self.job.path(name))
         self.job.update(sensitivity=name)
         return sensitivity
 
-    def _sensitivity_ids(self) -> torch.Tensor:
-        return sensitivity_rows(load_tensors(self.job.path("cal_data.safetensors"))["input_ids"], self.plan,
-                                self.dtype.itemsize)
-
     def _module_weights(self, module: Module) -> dict[str, torch.Tensor]:
         return self.source.module_weights(module, self.dtype, self.device)
 
-    def _fisher_sensitivity(self) -> Sensitivity:
-        ids = self._sensitivity_ids()
+    def _fisher_sensitivity(self, ids: torch.Tensor) -> Sensitivity:
         self.report.stage("Sensitivity", sensitivity_steps(self.plan))
         started = time.monotonic()
         sensitivity = measure_sensitivity(self.plan, self._module_weights, ids, self.device, self.s.seed,
@@ -379,9 +376,10 @@ class Converter:
                         f"in {time.monotonic() - started:.1f} s")
         return sensitivity
 
-    def _with_marginals(self, sensitivity: Sensitivity) -> Sensitivity:
-        """``sensitivity`` with the slot (or per-linear) scales of the marginal-KL pass."""
-        rows = marginal_rows(self._sensitivity_ids())
+    def _with_marginals(self, sensitivity: Sensitivity, ids: torch.Tensor) -> Sensitivity:
+        """``sensitivity`` with the slot (or per-linear) scales of the marginal-KL pass on the first of the
+        sensitivity rows ``ids``."""
+        rows = marginal_rows(ids)
         self.report.stage("Marginal KL", len(self.plan.modules))
         started = time.monotonic()
         per_linear = self.s.sensitivity == "linear"
