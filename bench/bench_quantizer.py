@@ -41,6 +41,13 @@ VARIANTS = {
     "gptq-damp-0.25": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, damp=0.25),
     "gptq-damp-0.04": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, damp=0.04),
     "gptq-damp-0.01": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, damp=0.01),
+    "refined-4": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=4),
+    "strength-0.4": QuantizerOptions(fit="asymmetric", fit_strength=0.4, refine=2),
+    "damp-0.25-refined-4": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=4, damp=0.25),
+    "token-weighted": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, token_weight=0.25),
+    "token-weighted-0.5": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, token_weight=0.5),
+    "token-damp-refined-4": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=4, damp=0.25,
+                                             token_weight=0.25),
 }
 #: Candidate-table rows of the ``blocks`` comparison: about 2.4 and 4.1 bits per weight.
 TABLE_ROWS = {"attn": (2, 6), "mlp": (2, 7)}
@@ -49,7 +56,8 @@ TABLE_ROWS = {"attn": (2, 6), "mlp": (2, 7)}
 def arguments(options: QuantizerOptions) -> list[str]:
     """The ``exl2 convert`` arguments that quantize as ``options`` says, every one explicit."""
     return ["--scale-search", options.search, "--fit", options.fit, "--fit-strength", str(options.fit_strength),
-            "--bit-layout", options.layout, "--refine", str(options.refine), "--damp", str(options.damp)]
+            "--bit-layout", options.layout, "--refine", str(options.refine), "--damp", str(options.damp),
+            "--token-weight", str(options.token_weight)]
 
 
 def model_dir(name_or_path: str | None) -> str:

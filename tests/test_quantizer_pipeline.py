@@ -81,13 +81,13 @@ def test_jobs_without_the_quantizer_settings_read_as_exllamav2s_fit_and_layout(t
     Job.open(tmp_path / "job", Settings(in_dir="/m"))
     job_file = tmp_path / "job" / "job.json"
     saved = json.loads(job_file.read_text())
-    for name in ("fit", "layout", "fit_strength", "refine", "damp"):
+    for name in ("fit", "layout", "fit_strength", "refine", "damp", "token_weight"):
         del saved["settings"][name]
     job_file.write_text(json.dumps(saved))
     job = Job.open(tmp_path / "job", Settings(in_dir="/m", fit="local", layout="table", fit_strength=1.0, refine=0,
-                                              damp=0.12))
+                                              damp=0.12, token_weight=0.0))
     assert (job.settings.fit, job.settings.layout, job.settings.fit_strength, job.settings.refine,
-            job.settings.damp) == ("local", "table", 1.0, 0, 0.12)
+            job.settings.damp, job.settings.token_weight) == ("local", "table", 1.0, 0, 0.12, 0.0)
 
 
 def test_bad_fit_is_a_clear_error(convert_model, tmp_path, capsys):
@@ -98,7 +98,8 @@ def test_bad_fit_is_a_clear_error(convert_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag, value, message", [("--fit-strength", "1.5", "fit strength must be in (0, 1]"),
                                                    ("--refine", "-1", "refinement sweeps must be 0 or more"),
-                                                   ("--damp", "0", "damping must be in (0, 1]")])
+                                                   ("--damp", "0", "damping must be in (0, 1]"),
+                                                   ("--token-weight", "1", "token weight strength must be in [0, 1)")])
 def test_bad_quantizer_numbers_are_one_line_errors(convert_model, tmp_path, capsys, flag, value, message):
     assert main(["convert", "-i", str(convert_model), "-o", str(tmp_path / "job"), flag, value]) != 0
     err = capsys.readouterr().err

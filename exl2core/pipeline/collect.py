@@ -21,6 +21,10 @@ from exl2core.plan import Module
 from exl2core.quant.gptq import Hessian
 
 
+#: ``(linear input name, calibration row) → per-token factors [T] or None`` (``TokenWeights.factors``).
+TokenFactor = Callable[[str, int], "torch.Tensor | None"]
+
+
 class _Captured(Exception):
     """Raised from the capture callback to end a forward whose remaining work nobody reads."""
 
@@ -54,14 +58,15 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
             reference_weights: dict[str, torch.Tensor] | None = None,
             paired: set[str] = frozenset(), keep: set[str] = frozenset(),
             reference_inputs: list[dict[str, torch.Tensor]] | None = None,
-            stop_after: set[str] = frozenset()) -> Collected:
+            stop_after: set[str] = frozenset(), token_factor: TokenFactor | None = None) -> Collected:
     """Run ``module`` over every row, accumulating a Hessian per captured name (of the linear inputs, only
     ``inputs`` when given; other captures, such as an MoE block's routed-token counts, always). Names in
     ``paired`` get the cross term with the reference stream's input to the same linear: from
     ``reference_inputs`` (kept by an earlier pass) when given, else from running ``reference`` with
     ``reference_weights``, whose outputs are then returned, as are its inputs named in ``keep``. With
     ``stop_after``, each quantized row's forward ends once all those names are captured, and no outputs
-    are returned."""
+    are returned. ``token_factor(name, row)`` gives the per-token factors a row's input (and its reference
+    input) is scaled by before it is accumulated (``pipeline.token_weights``), or None."""
     if paired and reference is None and reference_inputs is None:
         raise ValueError("paired Hessians need a reference stream")
     run_reference = reference is not None and reference_inputs is None
@@ -86,7 +91,12 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
         if name not in hessians:
             hessians[name] = Hessian(x.shape[-1], x.device, asymmetric=name in paired)
         ref = ref_inputs.get(name)
-        hessians[name].add(x, None if ref is None else ref.to(x.device), row=current)
+        ref = None if ref is None else ref.to(x.device)
+        factor = None if token_factor is None else token_factor(name, current)
+        if factor is not None and factor.numel() == x.shape[:-1].numel():
+            factor = factor.to(x.device).view(*x.shape[:-1], 1)
+            x, ref = x.float() * factor, None if ref is None else ref.float() * factor
+        hessians[name].add(x, ref, row=current)
         if stop_after:
             pending.discard(name)
             if not pending:

@@ -38,6 +38,7 @@ from exl2core.pipeline.optimize import bpw_range, measured_slots, options_of, pl
 from exl2core.pipeline.progress import Reporter
 from exl2core.pipeline.quantize import QuantizerOptions, perplexity_verdict, quantize_module
 from exl2core.pipeline.sensitivity import Sensitivity, measure_sensitivity, sensitivity_rows, sensitivity_steps
+from exl2core.pipeline.token_weights import TokenWeights, measure_token_weights, token_weight_rows
 from exl2core.quant.qparams import FITS, HEAD_OPTIONS, LAYOUTS, TABLES, pad32, table_setting
 
 HEAD_BITS = tuple(sorted(HEAD_OPTIONS))
@@ -82,7 +83,7 @@ def job_plan(plugins: Plugins, source: SourceModel, settings: Settings) -> Model
 def quantizer_options(s: Settings) -> QuantizerOptions:
     """How the job's quantization pass quantizes its linears."""
     return QuantizerOptions(search=s.scale_search, fit=s.fit, layout=s.layout, fit_strength=s.fit_strength,
-                            refine=s.refine, damp=s.damp)
+                            refine=s.refine, damp=s.damp, token_weight=s.token_weight)
 
 
 def validate_settings(s: Settings) -> None:
@@ -253,8 +254,9 @@ class Converter:
         start = self.job.state["q_last_module_idx"] + 1
         errors = dict(self.job.state.get("module_errors", {}))
         notes = dict(self.job.state.get("calibration_notes", {}))
-        self.report.stage("Quantizing", len(modules) - 1, start - 1)
         options = quantizer_options(self.s)
+        token_weights = self._token_weights() if options.token_weight else None
+        self.report.stage("Quantizing", len(modules) - 1, start - 1)
         states, reference = HiddenStates.load_with_reference(self.job.path(self.job.state["hidden_states"]),
                                                              self.device, self.rt.gpu_rows, self.ranks)
         self._check_shard(states)
@@ -275,7 +277,7 @@ class Converter:
             result = quantize_module(module_forward(module), module, weights, states, self.job.state["strategy"],
                                      self.s.head_bits, self.tensor_dir,
                                      ppl_ids=ids[:ppl_rows] if isinstance(module, HeadModule) else None,
-                                     options=options, reference=reference)
+                                     options=options, reference=reference, token_weights=token_weights)
             self.report.advance()
             if result.error is not None:
                 errors[module.measurement_key] = result.error
@@ -363,6 +365,30 @@ class Converter:
             sensitivity.save(self.job.path(name))
         self.job.update(sensitivity=name)
         return sensitivity
+
+    def _token_weights(self) -> TokenWeights:
+        """The token weights of the quantization rows' Hessians, computed once per job by rank 0 (a
+        backward pass over a few of the rows), which every rank gets."""
+        name = "token_weights.safetensors"
+        if self.job.state.get("token_weights") == name:
+            return TokenWeights.load(self.job.path(name))
+        ids = load_tensors(self.job.path("cal_data.safetensors"))["input_ids"]
+        rows = token_weight_rows(ids, self.plan, self.dtype.itemsize)
+
+        def measure() -> TokenWeights:
+            self.report.stage("Token weights", sensitivity_steps(self.plan))
+            started = time.monotonic()
+            weights = measure_token_weights(self.plan, self._module_weights, ids, rows, self.device, self.s.seed,
+                                            on_module=self.report.advance)
+            self.report.log(f"token weights from {len(rows)} × {ids.shape[1]} quantization tokens "
+                            f"in {time.monotonic() - started:.1f} s")
+            return weights
+
+        weights = self.ranks.broadcast(self.ranks.agree(measure, everywhere=False))
+        if self.ranks.main:
+            weights.save(self.job.path(name))
+        self.job.update(token_weights=name)
+        return weights
 
     def _module_weights(self, module: Module) -> dict[str, torch.Tensor]:
         return self.source.module_weights(module, self.dtype, self.device)

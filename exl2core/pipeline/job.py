@@ -84,6 +84,9 @@ class Settings:
     refine: int = field(default=2, metadata=_stage("quant", legacy=0))
     # GPTQ's damping in the quantization pass (``QuantizerOptions.damp``); the measurement keeps exllamav2's.
     damp: float = field(default=PERCDAMP, metadata=_stage("quant", legacy=PERCDAMP))
+    # Strength of the gradient-weighted tokens in the quantization Hessians (``pipeline.token_weights``);
+    # jobs from before the setting weighed every token alike.
+    token_weight: float = field(default=0.0, metadata=_stage("quant", legacy=0.0))
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); jobs from before the setting
     # calibrated with v1.
     cal_mix: str = field(default=DEFAULT_MIX, metadata=_stage("measure_tokens", legacy=LEGACY_MIX))

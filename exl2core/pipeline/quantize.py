@@ -26,6 +26,7 @@ from exl2core.pipeline.collect import collect, first_input
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
 from exl2core.distributed import SINGLE, Ranks
+from exl2core.pipeline.token_weights import TokenWeights
 from exl2core.pipeline.runner import (calibration_report, forward_rows, hessian_users, prepare_hessians,
                                       reduce_hessians, relative_error, share_linears)
 from exl2core.quant.gptq import Hessian, quantize_linear
@@ -49,6 +50,7 @@ class QuantizerOptions:
     fit_strength: float = 1.0  # share of the asymmetric fit's correction applied (1: the exact optimum)
     refine: int = 0  # coordinate-descent sweeps over GPTQ's codes (quant.refine)
     damp: float = PERCDAMP  # GPTQ's damping, a fraction of the Hessian's mean diagonal (Hessian.prepare)
+    token_weight: float = 0.0  # strength of the gradient-weighted tokens in the Hessians (pipeline.token_weights)
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -59,6 +61,8 @@ class QuantizerOptions:
             raise Exl2Error(f"refinement sweeps must be 0 or more, not {self.refine}")
         if not 0.0 < self.damp <= 1.0:
             raise Exl2Error(f"damping must be in (0, 1], not {self.damp}")
+        if not 0.0 <= self.token_weight < 1.0:
+            raise Exl2Error(f"token weight strength must be in [0, 1), not {self.token_weight}")
 
 
 @dataclass
@@ -87,19 +91,24 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
                     strategy: dict, head_bits: int, out_dir: Path,
                     ppl_ids: torch.Tensor | None = None, search: str = "hessian", *,
                     options: QuantizerOptions | None = None,
-                    reference: HiddenStates | None = None) -> ModuleResult:
+                    reference: HiddenStates | None = None,
+                    token_weights: TokenWeights | None = None) -> ModuleResult:
     """Quantize ``module``'s linears in place of their weights and return its quantized outputs.
 
     ``ppl_ids`` (the head only) are the token ids of the rows used for the calibration perplexity;
     ``options`` (default: ``search`` and exllamav2's fit) say how to quantize. ``reference`` holds the
     unquantized model's hidden states, required by the asymmetric fit, whose reference outputs the
-    result then carries.
+    result then carries. ``token_weights`` (required when ``options.token_weight`` is set) weigh the
+    tokens of the block's Hessians.
     """
     options = options or QuantizerOptions(search=search)
     asymmetric = options.fit == "asymmetric"
     if asymmetric and reference is None:
         raise ValueError("the asymmetric fit needs the unquantized model's hidden states")
     reference = reference if asymmetric else None
+    if options.token_weight and token_weights is None:
+        raise ValueError("a token weight strength needs the job's token weights")
+    factor = token_weights.factors(module, options.token_weight) if options.token_weight else None
     ranks = states.shard.ranks
     if not module.linears:
         outputs = forward_rows(fwd, module, weights, states)
@@ -130,7 +139,8 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     # error is taken against the unquantized model's output (what it fits), so those forwards stop early.
     first_only = stage_inputs[0] if asymmetric else frozenset()
     collected = collect(fwd, module, weights, states, reference=reference, reference_weights=unquantized,
-                        paired=first_only, keep=keep, inputs=first_only or None, stop_after=first_only)
+                        paired=first_only, keep=keep, inputs=first_only or None, stop_after=first_only,
+                        token_factor=factor)
     targets = collected.reference_outputs if asymmetric else collected.outputs
     # Each stage's linears go to ranks as ``share_linears`` says; each Hessian only to the ranks using it.
     owners = [share_linears(stage, ranks) for stage in stages]
@@ -144,7 +154,7 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
             hessians = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
                                reference_weights=unquantized, reference_inputs=collected.reference_inputs,
                                paired=stage_inputs[index] if asymmetric else frozenset(),
-                               stop_after=stage_inputs[index]).hessians
+                               stop_after=stage_inputs[index], token_factor=factor).hessians
             hessians = reduce_hessians(hessians, states, hessian_users(module, owners[index]))
             seen.update((name, h) for name, h in hessians.items() if name not in seen)
         _quantize_linears(module, stage, owners[index], weights, hessians, strategy, head_bits, out_dir, options,

@@ -113,12 +113,38 @@ def sensitivity_steps(plan: ModelPlan) -> int:
     return len(plan.modules) + last
 
 
+#: Called with each measured linear's output gradient: ``(module, row, linear name, dL/dy)``.
+GradientObserver = Callable[[Module, int, str, torch.Tensor], None]
+
+
 def measure_sensitivity(plan: ModelPlan, weights_of: Callable[[Module], dict[str, torch.Tensor]],
                         ids: torch.Tensor, device: torch.device, seed: int,
                         on_module: Callable[[], None] | None = None) -> Sensitivity:
+    """Each measured linear's mean squared output gradient per channel over the rows ``ids``
+    (:func:`backpropagate`, whose arguments these are)."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
+
+    def observe(module: Module, row: int, name: str, grad: torch.Tensor) -> None:
+        key = Sensitivity.key(module, name)
+        flat = grad.reshape(-1, grad.shape[-1]).double()
+        if key not in sums:
+            sums[key] = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
+            tokens[key] = 0
+        sums[key].add_(flat.pow(2).sum(0))
+        tokens[key] += flat.shape[0]
+
+    backpropagate(plan, weights_of, ids, device, seed, observe, on_module)
+    keys = [Sensitivity.key(m, lin.name) for m in reversed(plan.modules) for lin in m.linears]
+    return Sensitivity({key: (sums[key] / max(tokens[key], 1)).cpu() for key in keys if key in sums})
+
+
+def backpropagate(plan: ModelPlan, weights_of: Callable[[Module], dict[str, torch.Tensor]], ids: torch.Tensor,
+                  device: torch.device, seed: int, observe: GradientObserver,
+                  on_module: Callable[[], None] | None = None) -> None:
     """Run ``ids`` (``[rows, T]``) forward through ``plan``, sample labels from the model's own output,
-    and propagate the gradient of their log-likelihood back, block by block, recording each measured
-    linear's squared output gradient. ``weights_of(module)`` loads a module's weights (each block's
+    and propagate the gradient of their log-likelihood back, block by block, handing each measured
+    linear's output gradient to ``observe``. ``weights_of(module)`` loads a module's weights (each block's
     twice); ``on_module`` is called once per module and direction (:func:`sensitivity_steps` calls)."""
     modules = plan.modules
     blocks = [i for i, m in enumerate(modules) if m.slots]
@@ -128,16 +154,14 @@ def measure_sensitivity(plan: ModelPlan, weights_of: Callable[[Module], dict[str
     if on_module:
         for _ in modules[last + 1:]:
             on_module()
-    result: dict[str, torch.Tensor] = {}
     for i in range(last, 0, -1):
         module = modules[i]
         weights = weights_of(module)
-        grads = _backward(module, weights, states[i], grads, device, result)
+        grads = _backward(module, weights, states[i], grads, device, observe)
         states[i] = []
         del weights
         if on_module:
             on_module()
-    return Sensitivity(result)
 
 
 def _forward(modules: list[Module], weights_of, ids: torch.Tensor, device, last: int, on_module
@@ -195,35 +219,29 @@ def _head_gradients(tail: list[Module], weights_of, inputs: list[torch.Tensor], 
 
 
 def _backward(module: Module, weights: dict[str, torch.Tensor], inputs: list[torch.Tensor],
-              grads: list[torch.Tensor], device, result: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Backpropagate ``grads`` (w.r.t. the module's outputs) through ``module``, adding each linear's
-    squared output gradient to ``result``; returns the gradients w.r.t. the module's inputs."""
+              grads: list[torch.Tensor], device, observe: GradientObserver) -> list[torch.Tensor]:
+    """Backpropagate ``grads`` (w.r.t. the module's outputs) through ``module``, handing each measured
+    linear's output gradient to ``observe``; returns the gradients w.r.t. the module's inputs."""
     fwd = module_forward(module)
-    measured = {lin.name: lin for lin in module.linears if any(lin.role in s.roles for s in module.slots)}
-    sums = {name: torch.zeros(lin.out_features, dtype=torch.float64, device=device)
-            for name, lin in measured.items()}
-    tokens = dict.fromkeys(measured, 0)
+    measured = {lin.name for lin in module.linears if any(lin.role in s.roles for s in module.slots)}
+    seen = 0
+    row = 0
 
-    def observe(name: str, y: torch.Tensor) -> None:
+    def on_output(name: str, y: torch.Tensor) -> None:
+        nonlocal seen
         if name not in measured or not y.requires_grad:
             return
-        tokens[name] += y.numel() // y.shape[-1]
-
-        def accumulate(g: torch.Tensor) -> None:
-            sums[name].add_(g.reshape(-1, g.shape[-1]).double().pow(2).sum(0))
-
-        y.register_hook(accumulate)
+        seen += y.numel()
+        y.register_hook(lambda g, r=row: observe(module, r, name, g))
 
     out = []
-    for x_row, g_row in zip(inputs, grads):
+    for row, (x_row, g_row) in enumerate(zip(inputs, grads)):
         x = x_row.to(device).detach().requires_grad_(True)
-        with torch.enable_grad(), observe_linear_outputs(observe):
+        with torch.enable_grad(), observe_linear_outputs(on_output):
             y = fwd(module, weights, x, None)
             y.backward(g_row.to(device=device, dtype=y.dtype))
         out.append(x.grad.float().cpu())
-    if measured and not any(tokens.values()):
+    if measured and not seen:
         raise Exl2Error(f"{module.measurement_key}: its forward applies no linear through modules.linear.apply_linear, so "
                         "the output sensitivity cannot be measured; convert with --measure exact")
-    for name, total in sums.items():
-        result[Sensitivity.key(module, name)] = (total / max(tokens[name], 1)).cpu()
     return out
