@@ -46,6 +46,8 @@ VARIANTS = {
     "damp-0.25-refined-4": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=4, damp=0.25),
     "token-weighted": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, token_weight=0.25),
     "token-weighted-0.5": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, token_weight=0.5),
+    "local-refined": QuantizerOptions(fit="local", refine=2),
+    "local-token-weighted": QuantizerOptions(fit="local", refine=2, token_weight=0.25),
     "token-damp-refined-4": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=4, damp=0.25,
                                              token_weight=0.25),
 }

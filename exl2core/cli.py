@@ -63,10 +63,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--damp", type=float, default=PERCDAMP, metavar="FRACTION",
                    help="GPTQ's damping in the quantization pass, added to the Hessian's diagonal as this fraction "
                         f"of its mean, in (0, 1] (default {PERCDAMP}, exllamav2's; reference GPTQ uses 0.01)")
-    p.add_argument("--token-weight", type=float, default=0.0, metavar="STRENGTH",
+    p.add_argument("--token-weight", type=float, default=0.25, metavar="STRENGTH",
                    help="weigh each quantization token in GPTQ's Hessians by how far an error there reaches the "
                         "output (squared gradients of a backward pass over a few rows), mixed in at this strength, "
-                        "in [0, 1) (default 0: every token alike)")
+                        "in [0, 1) (default 0.25; 0: every token alike)")
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
                         "moved between the setting's widths and group sizes where GPTQ's error model gains, same "

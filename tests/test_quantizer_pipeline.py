@@ -24,11 +24,16 @@ pytestmark = pytest.mark.slow
 
 MEASURE = ["-mr", "3", "-ml", "64", "--device", "cpu"]
 QUANT = ["-r", "32", "-l", "64", "-b", "2.5"]
-OPTIONS = {"previous": ["--fit", "local", "--bit-layout", "table", "--refine", "0"],
-           "asymmetric": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "table", "--refine", "0"],
-           "layout": ["--fit", "local", "--bit-layout", "hessian", "--refine", "0"],
-           "both": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "hessian", "--refine", "0"],
-           "refined": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "table", "--refine", "2"],
+UNWEIGHTED = ["--token-weight", "0"]
+OPTIONS = {"previous": ["--fit", "local", "--bit-layout", "table", "--refine", "0", *UNWEIGHTED],
+           "asymmetric": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "table", "--refine", "0",
+                          *UNWEIGHTED],
+           "layout": ["--fit", "local", "--bit-layout", "hessian", "--refine", "0", *UNWEIGHTED],
+           "both": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "hessian", "--refine", "0",
+                    *UNWEIGHTED],
+           "refined": ["--fit", "asymmetric", "--fit-strength", "1", "--bit-layout", "table", "--refine", "2",
+                       *UNWEIGHTED],
+           "unweighted-default": UNWEIGHTED,
            "default": []}
 
 
@@ -75,6 +80,10 @@ def test_asymmetric_fit_gains_most(kl_by_option):
 def test_refinement_lowers_the_asymmetric_fits_error(kl_by_option):
     assert kl_by_option["refined"] < kl_by_option["asymmetric"]
     assert kl_by_option["default"] < kl_by_option["asymmetric"]
+
+
+def test_token_weights_lower_the_default_quantizers_error(kl_by_option):
+    assert kl_by_option["default"] < kl_by_option["unweighted-default"]
 
 
 def test_jobs_without_the_quantizer_settings_read_as_exllamav2s_fit_and_layout(tmp_path):

@@ -86,7 +86,7 @@ class Settings:
     damp: float = field(default=PERCDAMP, metadata=_stage("quant", legacy=PERCDAMP))
     # Strength of the gradient-weighted tokens in the quantization Hessians (``pipeline.token_weights``);
     # jobs from before the setting weighed every token alike.
-    token_weight: float = field(default=0.0, metadata=_stage("quant", legacy=0.0))
+    token_weight: float = field(default=0.25, metadata=_stage("quant", legacy=0.0))
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); jobs from before the setting
     # calibrated with v1.
     cal_mix: str = field(default=DEFAULT_MIX, metadata=_stage("measure_tokens", legacy=LEGACY_MIX))

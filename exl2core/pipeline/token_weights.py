@@ -4,8 +4,7 @@ the model's final distribution (the single-group case of GuidedQuant, Kim et al.
 GPTQ minimises ``Σ_t ‖ΔW x_t‖²``, every token alike. The KL it stands for weighs an output error at token
 ``t`` by the squared gradient there, ``Σ_t Σ_o g_{t,o}² (ΔW x_t)_o²`` (``pipeline.sensitivity``); averaged
 over the output channels that is GPTQ's loss on the weighted Hessian ``Σ_t w_t x_t x_tᵀ`` with
-``w_t = Σ_o g_{t,o}²``. Tokens whose errors the rest of the model ignores (the first token's huge
-activations, for one) then steer the fit less.
+``w_t = Σ_o g_{t,o}²``. Tokens whose errors the rest of the model ignores then steer the fit less.
 
 The gradients come from one forward and backward pass of the unquantized model over a few of the
 quantization rows (labels sampled from the model, as for the output sensitivity), at most
