@@ -26,9 +26,9 @@ from exl2core.pipeline.collect import collect, first_input
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
 from exl2core.distributed import SINGLE, Ranks
-from exl2core.pipeline.token_weights import TokenWeights
 from exl2core.pipeline.runner import (calibration_report, forward_rows, hessian_users, prepare_hessians,
                                       reduce_hessians, relative_error, share_linears)
+from exl2core.pipeline.token_weights import TokenWeights
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
 from exl2core.quant.qparams import FITS, HEAD_OPTIONS, PERCDAMP, QParams
