@@ -95,14 +95,21 @@ class Sensitivity:
         return cls(grads, scales(SCALE_PREFIX), scales(LINEAR_SCALE_PREFIX))
 
 
+def backward_tokens(plan: ModelPlan, element_size: int, most: int) -> int:
+    """How many tokens :func:`backpropagate` may read: at most ``most``, as many as the kept inputs of
+    ``plan``'s modules (hidden size × modules × ``element_size`` bytes a token) fit in
+    ``SENSITIVITY_MEMORY``, and never fewer than ``MIN_SENSITIVITY_TOKENS``."""
+    per_token = plan.config.hidden_size * len(plan.modules) * element_size
+    return max(MIN_SENSITIVITY_TOKENS, min(most, SENSITIVITY_MEMORY // per_token))
+
+
 def sensitivity_rows(ids: torch.Tensor, plan: ModelPlan, element_size: int) -> torch.Tensor:
     """The calibration tokens the pass reads: real text rows only (noise rows start with a negative id),
     at most ``SENSITIVITY_TOKENS`` and as many as the kept inputs of ``plan``'s modules (hidden size ×
     modules × ``element_size`` bytes a token) fit in ``SENSITIVITY_MEMORY``; rows are cut short (a
     prefix of a causal row is a valid row) when one whole row does not fit."""
     real = ids[ids[:, 0] >= 0]
-    per_token = plan.config.hidden_size * len(plan.modules) * element_size
-    tokens = max(MIN_SENSITIVITY_TOKENS, min(SENSITIVITY_TOKENS, SENSITIVITY_MEMORY // per_token))
+    tokens = backward_tokens(plan, element_size, SENSITIVITY_TOKENS)
     length = min(real.shape[1], tokens)
     return real[: max(1, tokens // length), :length]
 

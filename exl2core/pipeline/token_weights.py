@@ -26,7 +26,7 @@ import torch
 
 from exl2core.errors import Exl2Error
 from exl2core.pipeline.job import load_tensors, save_tensors
-from exl2core.pipeline.sensitivity import MIN_SENSITIVITY_TOKENS, SENSITIVITY_MEMORY, backpropagate
+from exl2core.pipeline.sensitivity import backpropagate, backward_tokens
 from exl2core.plan import ModelPlan, Module
 
 #: Quantization tokens whose gradients weigh the Hessians, at most.
@@ -81,9 +81,7 @@ def token_weight_rows(ids: torch.Tensor, plan: ModelPlan, element_size: int) -> 
     real = [i for i in range(ids.shape[0]) if ids[i, 0] >= 0]
     if not real:
         raise Exl2Error("the quantization rows hold no text row to weigh the tokens by")
-    per_token = plan.config.hidden_size * len(plan.modules) * element_size
-    tokens = max(MIN_SENSITIVITY_TOKENS, min(TOKEN_WEIGHT_TOKENS, SENSITIVITY_MEMORY // per_token))
-    count = max(1, min(len(real), tokens // ids.shape[1]))
+    count = max(1, min(len(real), backward_tokens(plan, element_size, TOKEN_WEIGHT_TOKENS) // ids.shape[1]))
     return [real[i * len(real) // count] for i in range(count)]
 
 
