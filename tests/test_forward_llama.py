@@ -14,7 +14,7 @@ from exl2core.model.config import ModelConfig, RopeSpec
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import forward_logits
 from exl2core.modules.attention import attend, attend_explicit
-from exl2core.modules.forward import KINDS, module_forward, register_kind
+from exl2core.modules.forward import KINDS, module_forward, module_tail, register_kind
 from exl2core.modules.norm import normalize
 from exl2core.modules.rope import apply_rope, attention_factor, inv_freq, rope_tables
 from exl2core.plan import AttentionModule, HeadModule, Module
@@ -169,6 +169,32 @@ def test_capture_reports_each_linear_input_once(tiny_llama):
     assert [n for n, _ in captured] == ["attn_in", "attn_out", "mlp_in", "mlp_down"]
     for n, t in captured:
         assert (t - seen[n]).abs().max().item() <= 1e-5, n
+
+
+@pytest.mark.parametrize("model_type, kwargs", [
+    ("llama", {}), ("granite", GRANITE), ("glm4", {"pad_token_id": 0, "eos_token_id": 2}),
+    ("cohere", {"use_qk_norm": True}), ("gemma2", {"query_pre_attn_scalar": 24, "sliding_window": 16})])
+@pytest.mark.parametrize("half", [False, True])
+def test_tails_are_the_rest_of_the_forward_bit_for_bit(tiny_model, model_type, kwargs, half):
+    """Given the inputs a block's later linears received, its kind's tail gives exactly its forward's
+    output (post-norms, residual multipliers, parallel branches, the float16 clamp included)."""
+    source, plan = _open(tiny_model(model_type, **kwargs))
+    dtype = _half_dtype() if half else torch.float32
+    x = tiny_model(model_type, **kwargs).random_ids(batch=1, length=32)
+    tails = 0
+    for module in plan.modules[:-2]:
+        weights = source.module_weights(module, dtype, "cpu")
+        inputs = {lin.input for lin in module.linears}
+        captured: dict[str, torch.Tensor] = {}
+        y = module_forward(module)(module, weights, x, lambda n, t: captured.setdefault(n, t) if n in inputs else None)
+        tail = module_tail(module)
+        if module.linears:
+            later = dict(list(captured.items())[1:])
+            assert tail is not None and later, module.key
+            assert torch.equal(tail(module, weights, x, later), y), module.key
+            tails += 1
+        x = y
+    assert tails == sum(1 for m in plan.modules if m.slots)
 
 
 def test_weights_override_replaces_source_tensors(tiny_llama):

@@ -14,6 +14,7 @@ from exl2core.eval.data import load_text, token_windows
 from exl2core.model.exl2_weights import open_model
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import forward_logits
+from exl2core.pipeline import quantize
 from exl2core.pipeline.job import Job, Settings
 from exl2core.plugins import resolve_plan
 
@@ -130,3 +131,17 @@ def test_asymmetric_job_killed_in_quantization_resumes_byte_identical(convert_mo
         assert set(f.keys()) == {"hidden", "reference"}
     assert run(args) == 0
     assert digest(tmp_path / "out") == digest(tmp_path / "ref_out")
+
+
+@pytest.mark.parametrize("fit", ["asymmetric", "sequential"])
+def test_outputs_from_kept_inputs_equal_a_whole_forward(convert_model, measured, tmp_path, monkeypatch, fit):
+    """Blocks' outputs taken from their later linears' kept inputs (``modules.forward`` tails) leave every
+    output byte as a whole forward of each quantized block gives it."""
+    digests = []
+    for budget in (quantize.INPUT_CACHE_BYTES, 0):
+        monkeypatch.setattr(quantize, "INPUT_CACHE_BYTES", budget)
+        work = tmp_path / str(budget)
+        assert main(["convert", "-i", str(convert_model), "-o", str(work / "job"), "-m", str(measured),
+                     "-cf", str(work / "out"), *QUANT, "--device", "cpu", "--fit", fit]) == 0
+        digests.append(digest(work / "out"))
+    assert digests[0] == digests[1]

@@ -91,7 +91,17 @@ def attention_forward(module: AttentionModule, weights: dict[str, torch.Tensor],
                       capture: Capture | None = None) -> torch.Tensor:
     """``x + o_proj(attention(norm(x)))`` for ``x`` of shape ``[B, T, hidden]``."""
     h = norm_role(x, weights, "input_norm", module.norm, out_dtype=weights["q_proj"].dtype)
-    out = attention_branch(module, weights, h, capture)
+    return _residual(module, weights, x, attention_branch(module, weights, h, capture))
+
+
+def attention_tail(module: AttentionModule, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                   inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`attention_forward` from o_proj's input (``inputs[o_proj.input]``) on, bit for bit."""
+    return _residual(module, weights, x, apply_linear(weights, "o_proj", inputs[module.linear("o_proj").input]))
+
+
+def _residual(module: AttentionModule, weights: dict[str, torch.Tensor], x: torch.Tensor,
+              out: torch.Tensor) -> torch.Tensor:
     if "post_norm" in weights:
         out = norm_role(out, weights, "post_norm", module.norm, out_dtype=x.dtype)
     return x + out.to(x.dtype)

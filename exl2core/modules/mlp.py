@@ -51,7 +51,16 @@ def mlp_forward(module: MlpModule, weights: dict[str, torch.Tensor], x: torch.Te
                 capture: Capture | None = None) -> torch.Tensor:
     """``x + mlp(norm(x))`` for ``x`` of shape ``[B, T, hidden]``."""
     h = norm_role(x, weights, "input_norm", module.norm, out_dtype=weights["up_proj"].dtype)
-    out = feed_forward(weights, h, activation(module.activation), module, capture)
+    return _residual(module, weights, x, feed_forward(weights, h, activation(module.activation), module, capture))
+
+
+def mlp_tail(module: MlpModule, weights: dict[str, torch.Tensor], x: torch.Tensor,
+             inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`mlp_forward` from down_proj's input (``inputs[down_proj.input]``) on, bit for bit."""
+    return _residual(module, weights, x, apply_linear(weights, "down_proj", inputs[module.linear("down_proj").input]))
+
+
+def _residual(module: MlpModule, weights: dict[str, torch.Tensor], x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if "post_norm" in weights:
         out = norm_role(out, weights, "post_norm", module.norm, out_dtype=x.dtype)
     return x + out.to(x.dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from exl2core.modules.attention import attention_branch
-from exl2core.modules.linear import Capture
+from exl2core.modules.linear import Capture, apply_linear
 from exl2core.modules.mlp import activation, feed_forward
 from exl2core.modules.norm import norm_role
 from exl2core.plan import ParallelModule
@@ -46,4 +46,12 @@ def parallel_forward(module: ParallelModule, weights: dict[str, torch.Tensor], x
     if capture is not None:
         capture(BRANCH_OUTPUTS["attn"], attn)
         capture(BRANCH_OUTPUTS["mlp"], mlp)
+    return x + attn.to(x.dtype) + mlp.to(x.dtype)
+
+
+def parallel_tail(module: ParallelModule, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                  inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`parallel_forward` from the inputs of o_proj and down_proj on, bit for bit."""
+    attn = apply_linear(weights, "o_proj", inputs[module.linear("o_proj").input])
+    mlp = apply_linear(weights, "down_proj", inputs[module.linear("down_proj").input])
     return x + attn.to(x.dtype) + mlp.to(x.dtype)

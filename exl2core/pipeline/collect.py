@@ -5,7 +5,9 @@ The reference stream is the unquantized model's hidden states: each row runs thr
 once with the reference weights on the reference row (its linear inputs are kept for that row only), once
 with the current weights on the quantized row, whose inputs accumulate the Hessians and the cross terms.
 A pass that only needs the inputs of the module's first linears stops each quantized row's forward once
-it has them (``stop_after``): the rest of that forward would be discarded.
+it has them (``stop_after``): the rest of that forward would be discarded. A pass may also keep the
+quantized rows' inputs to its linears (``keep_inputs``), from which the module's tail later gives its
+outputs (``modules.forward``).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ class _Captured(Exception):
 class Collected:
     """What one pass over the rows gathered: Hessians by capture name, the module's outputs on the
     quantized rows (None for a pass stopped after its inputs), with a reference stream its outputs on the
-    reference rows, and the reference inputs kept for a later pass (one dict per row)."""
+    reference rows, and the reference and quantized rows' inputs kept for later (one dict per row)."""
 
     hessians: dict[str, Hessian]
     outputs: list[torch.Tensor] | None
     reference_outputs: list[torch.Tensor] | None
     reference_inputs: list[dict[str, torch.Tensor]] | None = None
+    inputs: list[dict[str, torch.Tensor]] | None = None
 
 
 def first_input(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates) -> str:
@@ -58,7 +61,8 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
             reference_weights: dict[str, torch.Tensor] | None = None,
             paired: set[str] = frozenset(), keep: set[str] = frozenset(),
             reference_inputs: list[dict[str, torch.Tensor]] | None = None,
-            stop_after: set[str] = frozenset(), token_factor: TokenFactor | None = None) -> Collected:
+            stop_after: set[str] = frozenset(), token_factor: TokenFactor | None = None,
+            keep_inputs: set[str] = frozenset()) -> Collected:
     """Run ``module`` over every row, accumulating a Hessian per captured name (of the linear inputs, only
     ``inputs`` when given; other captures, such as an MoE block's routed-token counts, always). Names in
     ``paired`` get the cross term with the reference stream's input to the same linear: from
@@ -66,13 +70,15 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
     ``reference_weights``, whose outputs are then returned, as are its inputs named in ``keep``. With
     ``stop_after``, each quantized row's forward ends once all those names are captured, and no outputs
     are returned. ``token_factor(name, row)`` gives the per-token factors a row's input (and its reference
-    input) is scaled by before it is accumulated (``pipeline.token_weights``), or None."""
+    input) is scaled by before it is accumulated (``pipeline.token_weights``), or None. The quantized rows'
+    inputs named in ``keep_inputs`` are returned unscaled."""
     if paired and reference is None and reference_inputs is None:
         raise ValueError("paired Hessians need a reference stream")
     run_reference = reference is not None and reference_inputs is None
     reported = {slot.output for slot in module.slots if slot.output}
     hessians: dict[str, Hessian] = {}
     ref_inputs: dict[str, torch.Tensor] = {}
+    own_inputs: dict[str, torch.Tensor] = {}
     pending: set[str] = set()
     current = 0
 
@@ -88,6 +94,8 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
     def accumulate(name: str, x: torch.Tensor) -> None:
         if not wanted(name):
             return
+        if name in keep_inputs:
+            own_inputs[name] = x.to(states.rows[current - states.first].device)
         if name not in hessians:
             hessians[name] = Hessian(x.shape[-1], x.device, asymmetric=name in paired)
         ref = ref_inputs.get(name)
@@ -105,6 +113,7 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
     outputs = None if stop_after else []
     ref_outputs = [] if run_reference else None
     kept = [] if run_reference and keep else None
+    own_kept = [] if keep_inputs else None
     with torch.inference_mode():
         for i in range(len(states)):
             current = states.first + i
@@ -118,14 +127,19 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
                 if kept is not None:
                     kept.append({n: x.to(reference.rows[i].device) for n, x in ref_inputs.items() if n in keep})
             pending.update(stop_after)
+            own_inputs.clear()
             try:
                 y = fwd(module, weights, states.row(i), accumulate)
             except _Captured:
+                y = None
+            if own_kept is not None:
+                own_kept.append(dict(own_inputs))
+            if y is None:
                 continue
             _check_finite(module, y, current)
             if outputs is not None:
                 outputs.append(y.to(states.rows[i].device))
-    return Collected(hessians, outputs, ref_outputs, kept)
+    return Collected(hessians, outputs, ref_outputs, kept, own_kept)
 
 
 def _check_finite(module: Module, y: torch.Tensor, row: int) -> None:

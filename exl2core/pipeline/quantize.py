@@ -21,13 +21,14 @@ from typing import Callable
 import torch
 
 from exl2core.errors import Exl2Error
+from exl2core.modules.forward import module_tail
 from exl2core.plan import HeadModule, Linear, Module
 from exl2core.pipeline.collect import collect, first_input
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.pipeline.job import save_tensors
 from exl2core.distributed import SINGLE, Ranks
 from exl2core.pipeline.runner import (calibration_report, forward_rows, hessian_users, prepare_hessians,
-                                      reduce_hessians, relative_error, share_linears)
+                                      reduce_hessians, relative_error, share_linears, tail_rows)
 from exl2core.pipeline.token_weights import TokenWeights
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
@@ -35,9 +36,10 @@ from exl2core.quant.qparams import FITS, HEAD_OPTIONS, PERCDAMP, QParams
 
 RTN_NUMEL = 1e9
 PPL_HEALTHY = 30.0
-#: The asymmetric fit keeps the unquantized model's inputs to a block's later linears from its first pass
-#: while they fit in this many bytes; beyond, its second pass runs the unquantized block again.
-REFERENCE_CACHE_BYTES = 2 << 30
+#: A block's inputs to its later linears are kept over all rows while they fit in this many bytes: the
+#: unquantized model's from the asymmetric fit's first pass (beyond, its second pass runs the unquantized
+#: block again), and the quantized rows' from the second pass (beyond, the outputs take a whole forward).
+INPUT_CACHE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,10 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
                   [lin for lin in module.linears if lin.input != first]]
     stage_inputs = [{lin.input for lin in stage} for stage in stages]
     later = set().union(*stage_inputs[1:])
-    keep = later if asymmetric and _reference_bytes(module, later, states) <= REFERENCE_CACHE_BYTES else set()
+    cached = bool(later) and _input_bytes(module, later, states) <= INPUT_CACHE_BYTES
+    keep = later if asymmetric and cached else set()
+    # Once the later linears are quantized, the block's outputs follow from their kept inputs.
+    tail = module_tail(module) if len(stages) == 2 and cached else None
     # The asymmetric fit's first pass needs only the first linears' inputs on the quantized rows, and its
     # error is taken against the unquantized model's output (what it fits), so those forwards stop early.
     first_only = stage_inputs[0] if asymmetric else frozenset()
@@ -146,27 +151,33 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     owners = [share_linears(stage, ranks) for stage in stages]
     hessians = reduce_hessians(collected.hessians, states, hessian_users(module, owners[0]))
     seen = dict(hessians)
+    kept_inputs = None
     for index, stage in enumerate(stages):
         if not stage:
             continue
         if index > 0:
             # Only the Hessians are read: each forward stops once this stage's inputs are captured.
-            hessians = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
-                               reference_weights=unquantized, reference_inputs=collected.reference_inputs,
-                               paired=stage_inputs[index] if asymmetric else frozenset(),
-                               stop_after=stage_inputs[index], token_factor=factor).hessians
-            hessians = reduce_hessians(hessians, states, hessian_users(module, owners[index]))
+            later_pass = collect(fwd, module, weights, states, inputs=stage_inputs[index], reference=reference,
+                                 reference_weights=unquantized, reference_inputs=collected.reference_inputs,
+                                 paired=stage_inputs[index] if asymmetric else frozenset(),
+                                 stop_after=stage_inputs[index], token_factor=factor,
+                                 keep_inputs=stage_inputs[index] if tail else frozenset())
+            kept_inputs = later_pass.inputs
+            hessians = reduce_hessians(later_pass.hessians, states, hessian_users(module, owners[index]))
             seen.update((name, h) for name, h in hessians.items() if name not in seen)
         _quantize_linears(module, stage, owners[index], weights, hessians, strategy, head_bits, out_dir, options,
                           ranks)
     notes = calibration_report(module, seen)
-    outputs = forward_rows(fwd, module, weights, states)
+    if kept_inputs is not None:
+        outputs = tail_rows(fwd, tail, module, weights, states, kept_inputs)
+    else:
+        outputs = forward_rows(fwd, module, weights, states)
     return ModuleResult(outputs, error=relative_error(outputs, targets, ranks), notes=notes,
                         reference_outputs=collected.reference_outputs)
 
 
-def _reference_bytes(module: Module, names: set[str], states: HiddenStates) -> int:
-    """Upper bound on the memory that keeping the reference inputs ``names`` of every row takes."""
+def _input_bytes(module: Module, names: set[str], states: HiddenStates) -> int:
+    """Upper bound on the memory that keeping the inputs ``names`` of every row takes."""
     features = sum({lin.input: lin.in_features for lin in module.linears if lin.input in names}.values())
     row = states.rows[0]
     return len(states) * row.shape[0] * features * row.element_size()

@@ -8,7 +8,7 @@ import torch
 
 from exl2core.distributed import SINGLE, Ranks
 from exl2core.errors import Exl2Error
-from exl2core.modules.forward import calibration_notes, module_forward
+from exl2core.modules.forward import ModuleTail, calibration_notes, module_forward
 from exl2core.plan import Linear, ModelPlan, Module
 from exl2core.pipeline.hidden import HiddenStates
 from exl2core.quant.gptq import Hessian, HessianParts, PreparedHessian
@@ -71,6 +71,22 @@ def forward_rows(fwd: Callable, module: Module, weights: dict[str, torch.Tensor]
                 reduce(states.first + i, y)
             else:
                 outputs.append(y.to(states.rows[i].device))
+    return outputs
+
+
+def tail_rows(fwd: Callable, tail: ModuleTail, module: Module, weights: dict[str, torch.Tensor],
+              states: HiddenStates, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """What :func:`forward_rows` gives, from each row's kept inputs to the module's later linears
+    (``modules.forward``'s tails): the work before those linears is not done again. ``fwd`` only names
+    where a non-finite output comes from."""
+    outputs = []
+    with torch.inference_mode():
+        for i, kept in enumerate(inputs):
+            x = states.row(i)
+            y = tail(module, weights, x, {name: t.to(x.device) for name, t in kept.items()})
+            if not all_finite(y):
+                raise Exl2Error(non_finite_origin(fwd, module, weights, states, i))
+            outputs.append(y.to(states.rows[i].device))
     return outputs
 
 

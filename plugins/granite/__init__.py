@@ -25,10 +25,10 @@ from exl2core import hookimpl
 from exl2core.builders.decoder import DecoderSpec, attention_module, config_biases, decoder_plan, mlp_module
 from exl2core.errors import Exl2Error
 from exl2core.model.config import ModelConfig
-from exl2core.modules.attention import attention_forward
+from exl2core.modules.attention import attention_forward, attention_tail
 from exl2core.modules.forward import register_kind
 from exl2core.modules.linear import Capture
-from exl2core.modules.mlp import mlp_forward
+from exl2core.modules.mlp import mlp_forward, mlp_tail
 from exl2core.plan import AttentionModule, MlpModule, ModelPlan
 
 ARCHITECTURES = ("GraniteForCausalLM", "granite", "MiniCPMForCausalLM", "minicpm")
@@ -73,8 +73,18 @@ def granite_mlp_forward(module: GraniteMlp, weights: dict[str, torch.Tensor], x:
     return mlp_forward(module, _scaled(weights, "down_proj", module.residual_scale), x, capture)
 
 
-register_kind(GraniteAttention, granite_attention_forward)
-register_kind(GraniteMlp, granite_mlp_forward)
+def granite_attention_tail(module: GraniteAttention, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                           inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return attention_tail(module, _scaled(weights, "o_proj", module.residual_scale), x, inputs)
+
+
+def granite_mlp_tail(module: GraniteMlp, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                     inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return mlp_tail(module, _scaled(weights, "down_proj", module.residual_scale), x, inputs)
+
+
+register_kind(GraniteAttention, granite_attention_forward, tail=granite_attention_tail)
+register_kind(GraniteMlp, granite_mlp_forward, tail=granite_mlp_tail)
 
 
 def _multiplier(config: ModelConfig, name: str) -> float:
