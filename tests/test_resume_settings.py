@@ -84,6 +84,27 @@ def test_new_bits_in_the_middle_of_quantization_discard_its_stale_work(convert_m
     assert not list(work.glob("hidden_states.*"))
 
 
+def test_a_resumed_compilation_removes_what_killed_writes_left(convert_model, finished, tmp_path):
+    """SIGKILL mid-write leaves atomic_write's temporary files (and a checkpoint the job never pointed
+    at); resuming removes exactly those, in the job and the output directory, and gives the same model."""
+    work = copy_job(finished, tmp_path)
+    shutil.copytree(finished / "model", tmp_path / "model")
+    job = json.loads((work / "job.json").read_text())
+    job["state"].update(progress="compile")
+    (work / "job.json").write_text(json.dumps(job))
+    left = [work / ".job.json.k2x_9q0a.tmp", work / "out_tensor" / ".layers.0.up_proj.safetensors.a1b2c3d4.tmp",
+            work / "hidden_states.quant.0003.safetensors", tmp_path / "model" / ".config.json.zw1ba0h6.tmp"]
+    kept = [work / "notes.tmp", tmp_path / "model" / ".draft.tmp"]  # not names atomic_write makes
+    for path in left + kept:
+        path.write_bytes(b"partial")
+    (tmp_path / "model" / "output.safetensors").unlink()  # the kill came before the shard was renamed
+    assert convert(convert_model, work, tmp_path / "model", "-b", "4.0") == 0
+    assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
+    for path in kept[1:]:
+        path.unlink()
+    assert digest(tmp_path / "model") == digest(finished / "model")
+
+
 def test_settings_that_change_the_measurement_are_refused_naming_the_reuse_path(convert_model, finished,
                                                                                  tmp_path, capsys):
     work = copy_job(finished, tmp_path)

@@ -26,7 +26,8 @@ from exl2core.plugins import Plugins, installed
 from exl2core.pipeline import compile as compile_stage
 from exl2core.pipeline.calibration import RowPurpose, calibration_rows, describe_dataset
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.pipeline.job import Job, Settings, atomic_write, load_tensors, save_tensors, stage_index, write_json
+from exl2core.pipeline.job import (Job, Settings, atomic_write, load_tensors, remove_temporaries, save_tensors,
+                                   stage_index, write_json)
 from exl2core.pipeline.model_card import REPORT_IMAGE, card_facts, write_model_card
 from exl2core.pipeline.preflight import BpwRange, preflight
 from exl2core.pipeline.records import entry_lists, slot_key, slot_records
@@ -314,6 +315,7 @@ class Converter:
         except OSError as e:
             raise Exl2Error(f"cannot create the output directory {target} ({e.strerror}); fix it and rerun "
                             "the same command to finish the job") from None
+        remove_temporaries(target)  # of a compilation killed mid-write
         self.report.stage("Compiling", len(self.plan.modules) + 1)
 
         def chunks():
@@ -620,14 +622,16 @@ def follow_job(out_dir: str | Path, settings: Settings, state: dict) -> Job:
 
 
 def remove_stale_files(job: Job) -> None:
-    """After a rewind: the packed tensors of a quantization pass to be redone, hidden-state checkpoints the
-    job no longer points at, and the report of the result being replaced."""
-    if job.redo_from is None:
-        return
-    if stage_index(job.redo_from) <= stage_index("quant"):
-        shutil.rmtree(job.path("out_tensor"), ignore_errors=True)
+    """What earlier runs left that the job no longer points at: the temporary files of writes killed
+    mid-way, hidden-state checkpoints other than the one it holds, and, after a rewind, the packed tensors
+    of a quantization pass to be redone and the report of the result being replaced."""
+    remove_temporaries(job.dir)
     held = job.state.get("hidden_states")
     for path in job.dir.glob("hidden_states.*.safetensors"):
         if path.name != held:
             path.unlink()
+    if job.redo_from is None:
+        return
+    if stage_index(job.redo_from) <= stage_index("quant"):
+        shutil.rmtree(job.path("out_tensor"), ignore_errors=True)
     job.path(REPORT_FILE).unlink(missing_ok=True)

@@ -180,6 +180,18 @@ def disk_error(path: str | Path, e: BaseException) -> WriteError:
     return WriteError(path, io_reason(e))
 
 
+#: The name of :func:`atomic_write`'s temporary file for ``name``: ``.name.`` + mkstemp's 8 characters + ``.tmp``.
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_temporaries(directory: str | Path) -> None:
+    """Delete the temporary files of writes killed mid-way (SIGKILL skips :func:`atomic_write`'s cleanup)
+    anywhere under ``directory``; other files are left alone."""
+    for path in Path(directory).rglob(".*.tmp"):
+        if path.is_file() and _TEMPORARY.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through ``write(tmp_path)`` and rename it into place, durably; on an I/O error
     (safetensors reports those as ``SafetensorError``) the temporary file is removed."""
