@@ -94,14 +94,14 @@ def test_a_resumed_compilation_removes_what_killed_writes_left(convert_model, fi
     (work / "job.json").write_text(json.dumps(job))
     left = [work / ".job.json.k2x_9q0a.tmp", work / "out_tensor" / ".layers.0.up_proj.safetensors.a1b2c3d4.tmp",
             work / "hidden_states.quant.0003.safetensors", tmp_path / "model" / ".config.json.zw1ba0h6.tmp"]
-    kept = [work / "notes.tmp", tmp_path / "model" / ".draft.tmp"]  # not names atomic_write makes
+    draft = tmp_path / "model" / ".draft.tmp"
+    kept = [work / "notes.tmp", draft]  # not names atomic_write makes
     for path in left + kept:
         path.write_bytes(b"partial")
     (tmp_path / "model" / "output.safetensors").unlink()  # the kill came before the shard was renamed
     assert convert(convert_model, work, tmp_path / "model", "-b", "4.0") == 0
     assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
-    for path in kept[1:]:
-        path.unlink()
+    draft.unlink()
     assert digest(tmp_path / "model") == digest(finished / "model")
 
 
