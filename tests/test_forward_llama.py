@@ -313,6 +313,20 @@ def test_rope_frequencies_match_transformers(params):
     assert math.isclose(attention_factor(spec), factor, rel_tol=1e-6)
 
 
+def test_rope_tables_are_the_rounded_cosines_of_the_float32_angles():
+    """From the C library, the tables are the same in every process (torch's cos/sin kernels are not: a few
+    processes in a hundred take another code path)."""
+    spec = RopeSpec.from_dict({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                              10000.0)
+    cos, sin = rope_tables(spec, 64, 512, max_position=128)
+    angles = torch.outer(torch.arange(512, dtype=torch.float32), inv_freq(spec, 64, 512, 128)).repeat(1, 2)
+    scale = attention_factor(spec)
+    assert scale != 1.0
+    for table, f in ((cos, math.cos), (sin, math.sin)):
+        expected = torch.tensor([f(a) * scale for a in angles.flatten().tolist()], dtype=torch.float64)
+        assert torch.equal(table.flatten(), expected.float())
+
+
 def test_dynamic_rope_grows_the_base_past_max_positions():
     params = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     spec = RopeSpec.from_dict(params, 10000.0)

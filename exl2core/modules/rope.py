@@ -1,8 +1,9 @@
 """Rotary position embeddings: frequencies for every scaling scheme, and the two rotation layouts.
 
-Frequencies follow the published formulas (as transformers computes them) in float32; the tables are
-cast to the activations' dtype before rotating, so a module's output does not depend on whether the
-tables were cached.
+Frequencies and angles follow the published formulas (as transformers computes them) in float32; their
+cosines and sines come from the C library in double precision, rounded to float32. The tables are cast
+to the activations' dtype before rotating, so a module's output does not depend on whether the tables
+were cached.
 """
 
 from __future__ import annotations
@@ -106,8 +107,13 @@ def _tables(spec: RopeSpec, head_dim: int, seq_len: int, style: str, max_positio
         positions = torch.arange(seq_len, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq(spec, dim, seq_len, max_position))
         angles = torch.cat((freqs, freqs), -1) if style == "neox" else freqs.repeat_interleave(2, -1)
+        # cos/sin by the C library, then rounded: torch's vectorised kernels (float32, and float64 too) take
+        # another code path in about one process in fifty, which made conversions irreproducible.
         scale = attention_factor(spec)
-        return (angles.cos() * scale).to(device), (angles.sin() * scale).to(device)
+        values = angles.flatten().tolist()
+        cos = torch.tensor([math.cos(a) * scale for a in values], dtype=torch.float64).view(angles.shape)
+        sin = torch.tensor([math.sin(a) * scale for a in values], dtype=torch.float64).view(angles.shape)
+        return cos.float().to(device), sin.float().to(device)
 
 
 def rope_tables(spec: RopeSpec, head_dim: int, seq_len: int, style: str = "neox",
