@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -106,14 +107,16 @@ def _tables(spec: RopeSpec, head_dim: int, seq_len: int, style: str, max_positio
         dim = rotary_dim(spec, head_dim)
         positions = torch.arange(seq_len, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq(spec, dim, seq_len, max_position))
-        angles = torch.cat((freqs, freqs), -1) if style == "neox" else freqs.repeat_interleave(2, -1)
         # cos/sin by the C library, then rounded: torch's vectorised kernels (float32, and float64 too) take
         # another code path in about one process in fifty, which made conversions irreproducible.
         scale = attention_factor(spec)
-        values = angles.flatten().tolist()
-        cos = torch.tensor([math.cos(a) * scale for a in values], dtype=torch.float64).view(angles.shape)
-        sin = torch.tensor([math.sin(a) * scale for a in values], dtype=torch.float64).view(angles.shape)
-        return cos.float().to(device), sin.float().to(device)
+        values = freqs.flatten().tolist()
+
+        def table(f: Callable[[float], float]) -> torch.Tensor:
+            t = torch.tensor([f(a) * scale for a in values], dtype=torch.float64).view(freqs.shape).float()
+            return (torch.cat((t, t), -1) if style == "neox" else t.repeat_interleave(2, -1)).to(device)
+
+        return table(math.cos), table(math.sin)
 
 
 def rope_tables(spec: RopeSpec, head_dim: int, seq_len: int, style: str = "neox",
