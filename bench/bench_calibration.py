@@ -113,6 +113,10 @@ def table(results: dict, models: list[str], bits: list[float], mode: str,
     return lines, missed
 
 
+def _read(results_path: Path) -> dict:
+    return json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -130,7 +134,7 @@ def main() -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = _read(results_path)
     for name in args.models:
         model_dir = MODELS[name]()
         work = args.work / name
@@ -147,10 +151,12 @@ def main() -> int:
                 for domain in DOMAINS:
                     key = f"{name}/{args.measure}/{mix}/{b}/{domain}"
                     if key not in results:
-                        results[key] = asdict(score(out, model_dir, domain, args))
+                        # Reread first: runs for other models may share WORK (one per core).
+                        scored = asdict(score(out, model_dir, domain, args))
+                        results = _read(results_path) | {key: scored}
                         results_path.write_text(json.dumps(results, indent=1))
                     print(f"  {domain}: {results[key]}", flush=True)
-    lines, missed = table(results, args.models, args.bits, args.measure, args.mixes)
+    lines, missed = table(_read(results_path), args.models, args.bits, args.measure, args.mixes)
     print("\n".join(lines))
     print("targets met" if not missed else "targets missed:\n  " + "\n  ".join(missed))
     return 0
