@@ -20,6 +20,7 @@ from exl2core.eval.chat_text import Message, parse_conversations, render_convers
 from exl2core.eval.data import DEFAULT_DATA_NAME, domain_names, token_windows
 from exl2core.eval.data import domain_text as eval_domain_text
 from exl2core.pipeline.calibration import (
+    CHAT_DOMAINS,
     calibration_rows,
     describe_dataset,
     domain_row_counts,
@@ -48,8 +49,8 @@ def domain_text(domain: str) -> str:
     return "".join(f.read_text(encoding="utf-8") for f in sorted(DATA.glob(f"{domain}-*.txt")))
 
 
-def chat_texts(model_dir: Path | None) -> list[str]:
-    conversations = parse_conversations(domain_text("chat"))
+def chat_texts(model_dir: Path | None, domain: str = "chat") -> list[str]:
+    conversations = parse_conversations(domain_text(domain))
     return render_conversations(conversations, model_dir).texts
 
 
@@ -140,9 +141,10 @@ def test_default_mix_is_v4_and_mixes_differ(tokenizer: Tokenizer, default_rows: 
         calibration_rows(tokenizer, vocab, 4, 16, mix="v9")
 
 
-@pytest.mark.parametrize("weights", [V1, V2, MIXES["v2"].measurement, V3, MIXES["v3"].measurement, V4,
-                                     MIXES["v4"].measurement],
-                         ids=["v1", "v2", "v2-measurement", "v3", "v3-measurement", "v4", "v4-measurement"])
+@pytest.mark.parametrize("weights", [V1] + [w for v in ("v2", "v3", "v4", "v5", "v6")
+                                            for w in (MIXES[v].quantization, MIXES[v].measurement)],
+                         ids=["v1"] + [f"{v}{part}" for v in ("v2", "v3", "v4", "v5", "v6")
+                                       for part in ("", "-measurement")])
 def test_domain_counts_cover_every_request(weights: dict[str, float]) -> None:
     for rows in range(0, 300):
         counts = domain_row_counts(rows, weights)
@@ -165,11 +167,12 @@ def test_documented_proportions_match_the_mixes() -> None:
             domain, m_weight, m_rows, q_weight, q_rows = [c.strip() for c in line.strip("|").split("|")]
             documented[domain] = (m_weight, int(m_rows), q_weight, int(q_rows))
         m_counts, q_counts = domain_row_counts(16, mix.measurement), domain_row_counts(100, mix.quantization)
-        assert set(documented) == set(m_counts), version
+        assert set(documented) == set(m_counts) | set(q_counts), version
         for domain, (m_weight, m_rows, q_weight, q_rows) in documented.items():
-            assert (m_rows, q_rows) == (m_counts[domain], q_counts[domain]), (version, domain)
+            assert (m_rows, q_rows) == (m_counts.get(domain, 0), q_counts.get(domain, 0)), (version, domain)
             if domain != "random":
-                assert (float(m_weight), float(q_weight)) == (mix.measurement[domain], mix.quantization[domain])
+                assert (float(m_weight), float(q_weight)) == (mix.measurement.get(domain, 0.0),
+                                                              mix.quantization.get(domain, 0.0)), (version, domain)
 
 
 def test_v2_gives_informational_prose_about_half_the_quantization_rows() -> None:
@@ -201,9 +204,9 @@ def test_v4_moves_rows_to_encyclopedic_prose_and_chat_and_keeps_code_adjacent_te
 def test_every_domain_row_comes_from_its_domain_text(tokenizer: Tokenizer, mix: str) -> None:
     weights = MIXES[mix].quantization
     rows = calibration_rows(tokenizer, tokenizer.get_vocab_size(), 100, 128, mix=mix)
-    texts = {d: domain_text(d) for d in weights if d not in ("multilingual-shuffled", "chat")}
+    texts = {d: domain_text(d) for d in weights if d not in ("multilingual-shuffled", *CHAT_DOMAINS)}
     texts["multilingual-shuffled"] = texts["multilingual"]
-    texts["chat"] = "".join(chat_texts(None))
+    texts |= {d: "".join(chat_texts(None, d)) for d in CHAT_DOMAINS}
     decoded = {}
     for domain in weights:
         part = domain_rows(rows, weights, domain).tolist()
@@ -239,6 +242,21 @@ def test_chat_rows_use_the_model_template_and_its_special_tokens(tokenizer: Toke
     plain = calibration_rows(tokenizer, vocab, 100, 128)
     assert torch.equal(others, torch.cat([domain_rows(plain, DEFAULT, d) for d in DEFAULT if d != "chat"]))
     assert not torch.equal(chat, domain_rows(plain, DEFAULT, "chat"))
+
+
+def test_v6_renders_both_conversation_domains_with_the_template(tokenizer: Tokenizer,
+                                                               chatml_model: Path) -> None:
+    """The ``assistant`` conversations go through the chat template like ``chat``, each from its own file."""
+    weights = MIXES["v6"].quantization
+    rows = calibration_rows(tokenizer, tokenizer.get_vocab_size(), 100, 128, mix="v6", model_dir=chatml_model)
+    start_id = tokenizer.token_to_id(IM_START)
+    for domain, other in (("chat", "assistant"), ("assistant", "chat")):
+        part = domain_rows(rows, weights, domain)
+        rendered, other_text = "".join(chat_texts(chatml_model, domain)), "".join(chat_texts(chatml_model, other))
+        for row in part.tolist():
+            assert_from_text(tokenizer, row, rendered)
+            assert tokenizer.decode(row, skip_special_tokens=False)[8:-8] not in other_text
+        assert (part == start_id).sum() >= part.shape[0]
 
 
 def test_chat_rows_fall_back_to_a_transcript_without_a_template(tokenizer: Tokenizer, tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ DEFAULT_DATASET_NAME = "(default)"
 # Row lengths above this are longer than exllamav2 ever calibrates with (it clamps to 2048, exl2-format §10.1).
 LONG_ROW_WARNING = 2048
 
-CHAT_DOMAIN = "chat"
+# Domains of conversations, rendered with the model's chat template (plain transcripts without one).
+CHAT_DOMAINS = ("chat", "assistant")
 
 SHUFFLED_FROM = {"multilingual-shuffled": "multilingual"}
 
@@ -148,7 +149,7 @@ def _default_rows(tokenizer: tokenizers.Tokenizer, vocab_size: int, rows: int, l
             continue
         source = SHUFFLED_FROM.get(domain, domain)
         if source not in streams:
-            streams[source] = (_chat_tokens(tokenizer, model_dir) if source == CHAT_DOMAIN
+            streams[source] = (_chat_tokens(tokenizer, source, model_dir) if source in CHAT_DOMAINS
                                else _domain_tokens(tokenizer, source))
         rng = random.Random(f"{seed}:{domain}")
         if domain in SHUFFLED_FROM:
@@ -175,18 +176,18 @@ def _domain_tokens(tokenizer: tokenizers.Tokenizer, domain: str) -> list[int]:
     return _joined_tokens(tokenizer, texts, domain)
 
 
-def _chat_tokens(tokenizer: tokenizers.Tokenizer, model_dir: str | Path | None) -> list[int]:
-    """The chat domain's conversations, each rendered as the model is prompted, tokenized and joined.
+def _chat_tokens(tokenizer: tokenizers.Tokenizer, domain: str, model_dir: str | Path | None) -> list[int]:
+    """A conversation domain's conversations, each rendered as the model is prompted, tokenized and joined.
 
     Template markup is tokenized with its special tokens as such, since that is what the model sees.
     """
-    conversations = [c for f in _domain_files(CHAT_DOMAIN)
+    conversations = [c for f in _domain_files(domain)
                      for c in parse_conversations(f.read_text(encoding="utf-8"), f.name)]
     rendered = render_conversations(conversations, model_dir)
     before = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = not rendered.templated
     try:
-        return _joined_tokens(tokenizer, rendered.texts, CHAT_DOMAIN)
+        return _joined_tokens(tokenizer, rendered.texts, domain)
     finally:
         tokenizer.encode_special_tokens = before
 

@@ -15,6 +15,16 @@ v4: v3 with more encyclopedic prose and chat (where Gemma-3-270M at 4.0 bpw gain
 from web pages, multilingual text, news and literary prose; code-adjacent text keeps its third of the
 quantization rows. At 16 quantization rows: encyclopedic 6, chat 3, code 3, technical and FAQ 1 each; at
 4 measurement rows: encyclopedic 2, chat and code 1 each.
+v5: v4's quantization rows; measurement rows lean further toward chat, about as many as encyclopedic
+prose (default 16 rows: chat 5, encyclopedic 4; the measurement decides the allocation, and v4's extra chat quantization row left
+Gemma-3-270M's chat KL at 4.0 bpw where v3 had it). At 4 measurement rows: chat 2, encyclopedic and code
+1 each. Measured and not adopted (bench/RESULTS.md): Gemma's chat KL moved little, SmolLM2's encyclopedic KL
+got worse.
+v6: v4's measurement rows, and chat split between the chat conversations and a second set of shorter
+everyday ones (``assistant``, more conversations and so more turns per row), one quantization row taken
+from encyclopedic prose for it. At 16 quantization rows: encyclopedic 5, chat 2, assistant 2, code 3,
+technical and FAQ 1 each. Measured and not adopted: Gemma-3-270M's encyclopedic KL at 4.0 bpw got worse
+and its chat KL stayed above the target.
 """
 
 from __future__ import annotations
@@ -79,6 +89,22 @@ MIXES: dict[str, CalibrationMix] = {
         quantization={"encyclopedic": 0.39, "chat": 0.20, "code": 0.21, "technical": 0.07, "dialogue": 0.06,
                       "web": 0.02, "multilingual": 0.02, "news": 0.01, "prose": 0.01,
                       "multilingual-shuffled": 0.01},
+    ),
+    "v5": CalibrationMix(
+        "v5",
+        measurement={"chat": 0.34, "encyclopedic": 0.32, "code": 0.20, "technical": 0.06, "dialogue": 0.04,
+                     "web": 0.02, "multilingual": 0.02},
+        quantization={"encyclopedic": 0.39, "chat": 0.20, "code": 0.21, "technical": 0.07, "dialogue": 0.06,
+                      "web": 0.02, "multilingual": 0.02, "news": 0.01, "prose": 0.01,
+                      "multilingual-shuffled": 0.01},
+    ),
+    "v6": CalibrationMix(
+        "v6",
+        measurement={"encyclopedic": 0.34, "chat": 0.14, "code": 0.18, "assistant": 0.08, "technical": 0.07,
+                     "web": 0.06, "multilingual": 0.05, "dialogue": 0.04, "prose": 0.02, "news": 0.01,
+                     "multilingual-shuffled": 0.01},
+        quantization={"encyclopedic": 0.34, "code": 0.21, "chat": 0.13, "assistant": 0.13, "technical": 0.07,
+                      "dialogue": 0.06, "web": 0.02, "multilingual": 0.02, "news": 0.01, "prose": 0.01},
     ),
 }
 DEFAULT_MIX = "v4"
