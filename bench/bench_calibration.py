@@ -11,7 +11,8 @@ Each EXL2 model is scored against its FP16 source on the held-out domains of ``e
 (encyclopedic prose, code, chat rendered with the model's chat template): mean KL(FP16 ‖ EXL2) per
 token, perplexity, top-1 agreement. The table gives each figure per mix side by side and each mix's KL
 ratio to the first mix (v1 by default), and checks the targets of issue #19 for every later mix: ratio
-≤ 0.85 on encyclopedic prose and chat, ≤ 1.05 everywhere. Finished steps are kept in WORK/results.json, so rerunning the same command resumes.
+≤ 0.85 on encyclopedic prose and chat, ≤ 1.05 everywhere. Finished steps are kept in WORK/results.json,
+so rerunning the same command resumes; runs for different models may share WORK.
 """
 
 from __future__ import annotations

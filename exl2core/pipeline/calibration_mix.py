@@ -16,10 +16,10 @@ from web pages, multilingual text, news and literary prose; code-adjacent text k
 quantization rows. At 16 quantization rows: encyclopedic 6, chat 3, code 3, technical and FAQ 1 each; at
 4 measurement rows: encyclopedic 2, chat and code 1 each.
 v5: v4's quantization rows; measurement rows lean further toward chat, about as many as encyclopedic
-prose (default 16 rows: chat 5, encyclopedic 4; the measurement decides the allocation, and v4's extra chat quantization row left
-Gemma-3-270M's chat KL at 4.0 bpw where v3 had it). At 4 measurement rows: chat 2, encyclopedic and code
-1 each. Measured and not adopted (bench/RESULTS.md): Gemma's chat KL moved little, SmolLM2's encyclopedic KL
-got worse.
+prose (default 16 rows: chat 5, encyclopedic 4), since the measurement decides the allocation and v4's
+extra chat quantization row left Gemma-3-270M's chat KL at 4.0 bpw where v3 had it. At 4 measurement
+rows: chat 2, encyclopedic and code 1 each. Measured and not adopted (bench/RESULTS.md): Gemma's chat KL
+moved little, SmolLM2's encyclopedic KL got worse.
 v6: v4's measurement rows, and chat split between the chat conversations and a second set of shorter
 everyday ones (``assistant``, more conversations and so more turns per row), one quantization row taken
 from encyclopedic prose for it. At 16 quantization rows: encyclopedic 5, chat 2, assistant 2, code 3,
