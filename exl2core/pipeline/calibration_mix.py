@@ -58,6 +58,9 @@ _V1_WEIGHTS = {
     "multilingual-shuffled": 0.03,
     "dialogue": 0.10,
 }
+# v5 keeps these quantization rows.
+_V4_QUANTIZATION = {"encyclopedic": 0.39, "chat": 0.20, "code": 0.21, "technical": 0.07, "dialogue": 0.06,
+                    "web": 0.02, "multilingual": 0.02, "news": 0.01, "prose": 0.01, "multilingual-shuffled": 0.01}
 
 MIXES: dict[str, CalibrationMix] = {
     "v1": CalibrationMix("v1", _V1_WEIGHTS, _V1_WEIGHTS),
@@ -86,17 +89,13 @@ MIXES: dict[str, CalibrationMix] = {
         measurement={"encyclopedic": 0.34, "chat": 0.22, "code": 0.18, "technical": 0.07, "web": 0.06,
                      "multilingual": 0.05, "dialogue": 0.04, "prose": 0.02, "news": 0.01,
                      "multilingual-shuffled": 0.01},
-        quantization={"encyclopedic": 0.39, "chat": 0.20, "code": 0.21, "technical": 0.07, "dialogue": 0.06,
-                      "web": 0.02, "multilingual": 0.02, "news": 0.01, "prose": 0.01,
-                      "multilingual-shuffled": 0.01},
+        quantization=_V4_QUANTIZATION,
     ),
     "v5": CalibrationMix(
         "v5",
         measurement={"chat": 0.34, "encyclopedic": 0.32, "code": 0.20, "technical": 0.06, "dialogue": 0.04,
                      "web": 0.02, "multilingual": 0.02},
-        quantization={"encyclopedic": 0.39, "chat": 0.20, "code": 0.21, "technical": 0.07, "dialogue": 0.06,
-                      "web": 0.02, "multilingual": 0.02, "news": 0.01, "prose": 0.01,
-                      "multilingual-shuffled": 0.01},
+        quantization=_V4_QUANTIZATION,
     ),
     "v6": CalibrationMix(
         "v6",
