@@ -22,6 +22,7 @@ import torch
 
 from exl2core.eval.data import load_text, token_windows
 from exl2core.model.exl2_weights import open_model
+from exl2core.model.source import SourceModel
 from exl2core.model.streaming import module_weights
 from exl2core.modules.forward import module_forward
 from exl2core.pipeline.calibration import calibration_rows
@@ -47,7 +48,7 @@ class Tunable:
             self.weights[self.name] = self.base * (1 + self.delta[self.index])[None, :]
 
 
-def group_index(source, key: str) -> tuple[int, torch.Tensor]:
+def group_index(source: SourceModel, key: str) -> tuple[int, torch.Tensor]:
     """The number of groups of a packed linear and each input feature's group."""
     _, _, rows = unpack_codes(source.tensor(key + ".q_weight"), source.tensor(key + ".q_groups"))
     perm = torch.argsort(source.tensor(key + ".q_invperm").long())
