@@ -6,11 +6,12 @@ issue #12, not in the converter).
 
 EXL2 keeps the norms' weights in fp16 and each group's ``q_scale_max`` as an fp16 multiplier, so both can
 change without touching a code or a size (norm tweaking, Li et al., AAAI 2024; AQLM's fine-tuning of the
-non-quantized parameters). This script holds both models in memory, gives every norm weight (and, with
+non-quantized parameters). This script holds the conversion's weights in memory, gives every norm weight (and, with
 ``--group-scales``, every group multiplier) a trainable relative change, and runs Adam on the KL of the
 converted model's next-token distribution from the FP16 model's, one 512-token calibration row of the
-built-in mix per step. It prints the held-out KL on windows of the built-in evaluation text (the text
-``bench_quantizer.py whole`` scores) before and after.
+built-in mix per step (the FP16 model's log-probabilities on those rows are computed once and kept). It
+prints the held-out KL before and after, scored by ``exl2core.eval.perplexity.evaluate`` on windows of the
+built-in evaluation text, as ``bench_quantizer.py whole`` scores a conversion.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 import torch
 
 from exl2core.eval.data import load_text, token_windows
-from exl2core.model.exl2_weights import open_model
+from exl2core.eval.perplexity import evaluate
+from exl2core.model.exl2_weights import InferenceModel, open_model
 from exl2core.model.source import SourceModel
 from exl2core.model.streaming import module_weights
 from exl2core.modules.forward import module_forward
@@ -71,7 +73,6 @@ def main() -> None:
     torch.manual_seed(0)
     ref, quant = open_model(args.fp16), open_model(args.exl2)
     modules = quant.plan.modules
-    ref_weights = [module_weights(ref.source, m, torch.float32, "cpu") for m in ref.plan.modules]
     q_weights = [module_weights(quant.source, m, torch.float32, "cpu", quant.weights_override) for m in modules]
     forwards = [module_forward(m) for m in modules]
     tunables = []
@@ -86,9 +87,11 @@ def main() -> None:
                 tunables.append(Tunable(weights, lin.name, *group_index(quant.source, lin.key)))
     print(f"{sum(t.delta.numel() for t in tunables)} tuned parameters", flush=True)
 
-    def log_probs(weights, ids: torch.Tensor) -> torch.Tensor:
+    def log_probs(ids: torch.Tensor) -> torch.Tensor:
+        """The converted model's log-probabilities under autograd (the streaming forward runs in inference
+        mode)."""
         x = ids
-        for module, w, fwd in zip(modules, weights, forwards):
+        for module, w, fwd in zip(modules, q_weights, forwards):
             x = fwd(module, w, x)
             if isinstance(module, EmbeddingModule) and quant.plan.fp32_residual:
                 x = x.float()
@@ -98,17 +101,18 @@ def main() -> None:
         return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
     windows = token_windows(ref.source.tokenizer, load_text(), 2048, args.eval_rows)
+    by_key = {m.measurement_key: w for m, w in zip(modules, q_weights)}
+    tuned = InferenceModel(quant.source, quant.plan, lambda module: by_key[module.measurement_key])
 
     def held_out_kl() -> float:
         with torch.no_grad():
             for t in tunables:
                 t.apply()
-            return sum(kl(log_probs(ref_weights, w[None])[0, :-1], log_probs(q_weights, w[None])[0, :-1]).item()
-                       for w in windows) / len(windows)
+        return evaluate(tuned, windows, ref).kl_divergence
 
     cal = calibration_rows(quant.source.tokenizer, quant.plan.config.vocab_size, args.rows, ROW_LENGTH, seed=1)
     with torch.no_grad():
-        teachers = [log_probs(ref_weights, row[None]) for row in cal]
+        teachers = [torch.log_softmax(ref.logits(row), -1) for row in cal]
     print(f"held-out KL before: {held_out_kl():.4f}", flush=True)
     optimizer = torch.optim.Adam([t.delta for t in tunables], lr=args.lr)
     start = time.monotonic()
@@ -117,7 +121,7 @@ def main() -> None:
         for t in tunables:
             t.apply()
         row = step % args.rows
-        loss = kl(teachers[row], log_probs(q_weights, cal[row][None]))
+        loss = kl(teachers[row], log_probs(cal[row][None]))
         loss.backward()
         optimizer.step()
         if step % 8 == 0 or step == args.steps - 1:
