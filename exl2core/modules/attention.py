@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from exl2core.modules.linear import Capture, apply_linear, capture_inputs
+from exl2core.modules.linear import Capture, apply_linear, capture_inputs, product_dtype
 from exl2core.modules.norm import norm_role
 from exl2core.modules.rope import apply_rope, rope_tables
 from exl2core.plan import AttentionModule, ParallelModule
@@ -50,7 +50,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     """Causal attention over ``[B, H, T, D]`` tensors (``k``/``v`` may have fewer heads: GQA/MQA).
 
     Without soft-capping this is torch's fused attention (float32 softmax inside, no T×T buffer on
-    CUDA); soft-capping needs the explicit scores."""
+    CUDA), on float32 inputs in the dtype ``linear_products_in`` sets; soft-capping needs the explicit
+    scores."""
+    product = product_dtype() if softcap is None and q.dtype == torch.float32 else None
+    if product is not None:
+        q, k, v = q.to(product), k.to(product), v.to(product)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -58,9 +62,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     if softcap is not None:
         return attend_explicit(q, k, v, scale=scale, window=window, softcap=softcap)
     t = q.shape[-2]
-    if window is None or window >= t:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, window, q.device), scale=scale)
+    mask = None if window is None or window >= t else causal_mask(t, window, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out if product is None else out.float()
 
 
 def attention_branch(module: AttentionModule | ParallelModule, weights: dict[str, torch.Tensor], h: torch.Tensor,

@@ -77,13 +77,19 @@ class Hessian:
 
     Both sums run over a fixed tree of row chunks (``quant.treesum``), so their bits are the same however
     the rows were split between ranks; ``combined`` joins the parts several ranks accumulated.
+
+    With ``products`` (bfloat16) each row's product is taken in that dtype, rounded once and added in
+    float32: the rounding of the input is the one a linear multiplying in that dtype sees, and the
+    product's own (a relative 2⁻⁹ per row) averages out over the rows.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", *, asymmetric: bool = False):
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", *, asymmetric: bool = False,
+                 products: torch.dtype | None = None):
         self.in_features = in_features
         self.device = torch.device(device)
         self.num_batches = 0
         self.asymmetric = asymmetric
+        self.products = products
         self._sums = TreeSum()
         self._cross = TreeSum()
         self._totals: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
@@ -120,7 +126,7 @@ class Hessian:
         leaf = (self.num_batches if row is None else row) // LEAF_ROWS
         rows = x.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
         self._totals = None
-        self._sums.leaf(leaf, self._zeros).addmm_(rows.T, rows)
+        self._add_product(self._sums.leaf(leaf, self._zeros), rows, rows)
         self.num_batches += 1
         if not self.asymmetric:
             return
@@ -128,7 +134,14 @@ class Hessian:
             self.asymmetric, self._cross = False, TreeSum()
             return
         ref_rows = reference.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
-        self._cross.leaf(leaf, self._zeros).addmm_(rows.T, ref_rows - rows)  # ref_rows may be the caller's
+        self._add_product(self._cross.leaf(leaf, self._zeros), rows, ref_rows - rows)  # ref_rows may be the caller's
+
+    def _add_product(self, total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``total += aᵀb``, the product in ``self.products`` when set."""
+        if self.products is None:
+            total.addmm_(a.T, b)
+        else:
+            total.add_(torch.mm(a.T.to(self.products), b.to(self.products)))
 
     def _zeros(self) -> torch.Tensor:
         return torch.zeros(self.in_features, self.in_features, device=self.device)
