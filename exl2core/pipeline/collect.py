@@ -62,7 +62,7 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
             paired: set[str] = frozenset(), keep: set[str] = frozenset(),
             reference_inputs: list[dict[str, torch.Tensor]] | None = None,
             stop_after: set[str] = frozenset(), token_factor: TokenFactor | None = None,
-            keep_inputs: set[str] = frozenset()) -> Collected:
+            keep_inputs: set[str] = frozenset(), products: torch.dtype | None = None) -> Collected:
     """Run ``module`` over every row, accumulating a Hessian per captured name (of the linear inputs, only
     ``inputs`` when given; other captures, such as an MoE block's routed-token counts, always). Names in
     ``paired`` get the cross term with the reference stream's input to the same linear: from
@@ -71,7 +71,8 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
     ``stop_after``, each quantized row's forward ends once all those names are captured, and no outputs
     are returned. ``token_factor(name, row)`` gives the per-token factors a row's input (and its reference
     input) is scaled by before it is accumulated (``pipeline.token_weights``), or None. The quantized rows'
-    inputs named in ``keep_inputs`` are returned unscaled."""
+    inputs named in ``keep_inputs`` are returned unscaled. ``products`` is the Hessians' product dtype
+    (``gptq.Hessian``)."""
     if paired and reference is None and reference_inputs is None:
         raise ValueError("paired Hessians need a reference stream")
     run_reference = reference is not None and reference_inputs is None
@@ -97,7 +98,7 @@ def collect(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], sta
         if name in keep_inputs:
             own_inputs[name] = x.to(states.rows[current - states.first].device)
         if name not in hessians:
-            hessians[name] = Hessian(x.shape[-1], x.device, asymmetric=name in paired)
+            hessians[name] = Hessian(x.shape[-1], x.device, asymmetric=name in paired, products=products)
         ref = ref_inputs.get(name)
         ref = None if ref is None else ref.to(x.device)
         factor = None if token_factor is None else token_factor(name, current)

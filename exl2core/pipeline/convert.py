@@ -21,6 +21,7 @@ from exl2core.distributed import AgreedError, Ranks
 from exl2core.errors import Exl2Error
 from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
+from exl2core.modules.linear import linear_products_in
 from exl2core.plan import AttentionModule, HeadModule, ModelPlan, Module, ParallelModule
 from exl2core.plugins import Plugins, installed
 from exl2core.pipeline import compile as compile_stage
@@ -40,7 +41,7 @@ from exl2core.pipeline.progress import Reporter
 from exl2core.pipeline.quantize import QuantizerOptions, perplexity_verdict, quantize_module
 from exl2core.pipeline.sensitivity import Sensitivity, measure_sensitivity, sensitivity_rows, sensitivity_steps
 from exl2core.pipeline.token_weights import TokenWeights, measure_token_weights, token_weight_rows
-from exl2core.quant.qparams import FITS, HEAD_OPTIONS, LAYOUTS, TABLES, pad32, table_setting
+from exl2core.quant.qparams import FITS, HEAD_OPTIONS, LAYOUTS, PRODUCT_DTYPES, TABLES, pad32, table_setting
 
 HEAD_BITS = tuple(sorted(HEAD_OPTIONS))
 
@@ -84,7 +85,7 @@ def job_plan(plugins: Plugins, source: SourceModel, settings: Settings) -> Model
 def quantizer_options(s: Settings) -> QuantizerOptions:
     """How the job's quantization pass quantizes its linears."""
     return QuantizerOptions(search=s.scale_search, fit=s.fit, layout=s.layout, fit_strength=s.fit_strength,
-                            refine=s.refine, damp=s.damp, token_weight=s.token_weight)
+                            refine=s.refine, damp=s.damp, token_weight=s.token_weight, matmul_dtype=s.matmul_dtype)
 
 
 def validate_settings(s: Settings) -> None:
@@ -106,6 +107,8 @@ def validate_settings(s: Settings) -> None:
         raise Exl2Error(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, not {s.sensitivity!r}")
     if s.kl_samples < 0:
         raise Exl2Error(f"KL samples must be 0 (the whole vocabulary) or more, not {s.kl_samples}")
+    if s.matmul_dtype not in PRODUCT_DTYPES:
+        raise Exl2Error(f"matmul dtype must be one of {', '.join(PRODUCT_DTYPES)}, not {s.matmul_dtype!r}")
     if s.output_measurement and s.compile_full:
         raise Exl2Error("-om (measure only) and -cf (compile) cannot be combined")
 
@@ -370,7 +373,8 @@ class Converter:
 
     def _token_weights(self) -> TokenWeights:
         """The token weights of the quantization rows' Hessians, computed once per job by rank 0 (a
-        backward pass over a few of the rows), which every rank gets."""
+        backward pass over a few of the rows, its products in the quantization pass's dtype), which every
+        rank gets."""
         name = "token_weights.safetensors"
         if self.job.state.get("token_weights") == name:
             return TokenWeights.load(self.job.path(name))
@@ -380,8 +384,9 @@ class Converter:
         def measure() -> TokenWeights:
             self.report.stage("Token weights", sensitivity_steps(self.plan))
             started = time.monotonic()
-            weights = measure_token_weights(self.plan, self._module_weights, ids, rows, self.device, self.s.seed,
-                                            on_module=self.report.advance)
+            with linear_products_in(quantizer_options(self.s).products):
+                weights = measure_token_weights(self.plan, self._module_weights, ids, rows, self.device,
+                                                self.s.seed, on_module=self.report.advance)
             self.report.log(f"token weights from {len(rows)} × {ids.shape[1]} quantization tokens "
                             f"in {time.monotonic() - started:.1f} s")
             return weights

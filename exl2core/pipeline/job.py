@@ -87,6 +87,9 @@ class Settings:
     # Strength of the gradient-weighted tokens in the quantization Hessians (``pipeline.token_weights``);
     # jobs from before the setting weighed every token alike.
     token_weight: float = field(default=0.25, metadata=_stage("quant", legacy=0.0))
+    # Dtype the quantization pass's forwards multiply their float32 linears in (``quant.qparams.PRODUCT_DTYPES``);
+    # jobs from before the setting multiplied in float32.
+    matmul_dtype: str = field(default="float32", metadata=_stage("quant", legacy="float32"))
     # Version of the built-in calibration mix (pipeline.calibration_mix.MIXES); jobs from before the setting
     # calibrated with v1.
     cal_mix: str = field(default=DEFAULT_MIX, metadata=_stage("measure_tokens", legacy=LEGACY_MIX))

@@ -22,6 +22,7 @@ import torch
 
 from exl2core.errors import Exl2Error
 from exl2core.modules.forward import module_tail
+from exl2core.modules.linear import linear_products_in
 from exl2core.plan import HeadModule, Linear, Module
 from exl2core.pipeline.collect import collect, first_input
 from exl2core.pipeline.hidden import HiddenStates
@@ -32,7 +33,7 @@ from exl2core.pipeline.runner import (calibration_report, forward_rows, hessian_
 from exl2core.pipeline.token_weights import TokenWeights
 from exl2core.quant.gptq import Hessian, quantize_linear
 from exl2core.quant.pack import dequantize
-from exl2core.quant.qparams import FITS, HEAD_OPTIONS, PERCDAMP, QParams
+from exl2core.quant.qparams import FITS, HEAD_OPTIONS, PERCDAMP, PRODUCT_DTYPES, QParams
 
 RTN_NUMEL = 1e9
 PPL_HEALTHY = 30.0
@@ -53,6 +54,7 @@ class QuantizerOptions:
     refine: int = 0  # coordinate-descent sweeps over GPTQ's codes (quant.refine)
     damp: float = PERCDAMP  # GPTQ's damping, a fraction of the Hessian's mean diagonal (Hessian.prepare)
     token_weight: float = 0.0  # strength of the gradient-weighted tokens in the Hessians (pipeline.token_weights)
+    matmul_dtype: str = "float32"  # dtype the blocks' forwards multiply their linears in (linear_products_in)
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -65,6 +67,13 @@ class QuantizerOptions:
             raise Exl2Error(f"damping must be in (0, 1], not {self.damp}")
         if not 0.0 <= self.token_weight < 1.0:
             raise Exl2Error(f"token weight strength must be in [0, 1), not {self.token_weight}")
+        if self.matmul_dtype not in PRODUCT_DTYPES:
+            raise Exl2Error(f"matmul dtype must be one of {', '.join(PRODUCT_DTYPES)}, not {self.matmul_dtype!r}")
+
+    @property
+    def products(self) -> torch.dtype | None:
+        """The dtype of the forwards' products (``linear_products_in``); None for float32."""
+        return None if self.matmul_dtype == "float32" else getattr(torch, self.matmul_dtype)
 
 
 @dataclass
@@ -101,9 +110,20 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     ``options`` (default: ``search`` and exllamav2's fit) say how to quantize. ``reference`` holds the
     unquantized model's hidden states, required by the asymmetric fit, whose reference outputs the
     result then carries. ``token_weights`` (required when ``options.token_weight`` is set) weigh the
-    tokens of the block's Hessians.
+    tokens of the block's Hessians. A block's forwards multiply in ``options.matmul_dtype``; the head's
+    keep float32, its logits being the calibration perplexity.
     """
     options = options or QuantizerOptions(search=search)
+    products = None if isinstance(module, HeadModule) else options.products
+    with linear_products_in(products):
+        return _quantize_module(fwd, module, weights, states, strategy, head_bits, out_dir, ppl_ids, options,
+                                reference, token_weights, products)
+
+
+def _quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tensor], states: HiddenStates,
+                     strategy: dict, head_bits: int, out_dir: Path, ppl_ids: torch.Tensor | None,
+                     options: QuantizerOptions, reference: HiddenStates | None,
+                     token_weights: TokenWeights | None, products: torch.dtype | None) -> ModuleResult:
     asymmetric = options.fit == "asymmetric"
     if asymmetric and reference is None:
         raise ValueError("the asymmetric fit needs the unquantized model's hidden states")
@@ -145,7 +165,7 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
     first_only = stage_inputs[0] if asymmetric else frozenset()
     collected = collect(fwd, module, weights, states, reference=reference, reference_weights=unquantized,
                         paired=first_only, keep=keep, inputs=first_only or None, stop_after=first_only,
-                        token_factor=factor)
+                        token_factor=factor, products=products)
     targets = collected.reference_outputs if asymmetric else collected.outputs
     # Each stage's linears go to ranks as ``share_linears`` says; each Hessian only to the ranks using it.
     owners = [share_linears(stage, ranks) for stage in stages]
@@ -161,7 +181,7 @@ def quantize_module(fwd: Callable, module: Module, weights: dict[str, torch.Tens
                                  reference_weights=unquantized, reference_inputs=collected.reference_inputs,
                                  paired=stage_inputs[index] if asymmetric else frozenset(),
                                  stop_after=stage_inputs[index], token_factor=factor,
-                                 keep_inputs=stage_inputs[index] if tail else frozenset())
+                                 keep_inputs=stage_inputs[index] if tail else frozenset(), products=products)
             kept_inputs = later_pass.inputs
             hessians = reduce_hessians(later_pass.hessians, states, hessian_users(module, owners[index]))
             seen.update((name, h) for name, h in hessians.items() if name not in seen)

@@ -22,6 +22,10 @@ SCALE_SEARCHES = ("hessian", "exllamav2")
 #: quantized earlier ones produce) or ``asymmetric`` (sequential, to the unquantized model's output: GPTAQ).
 FITS = ("local", "sequential", "asymmetric")
 
+#: Dtypes the quantization pass's forwards may multiply their float32 linears in
+#: (``modules.linear.linear_products_in``).
+PRODUCT_DTYPES = ("float32", "bfloat16")
+
 #: Group layouts of a setting (``quant.layout``): ``table`` (exl2-format §2.4's) or ``hessian`` (the least expected
 #: GPTQ loss among layouts of exactly the same size).
 LAYOUTS = ("table", "hessian")
