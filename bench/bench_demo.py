@@ -4,8 +4,9 @@
     python bench/bench_demo.py --configs demo 16x512/16x512 default --work /tmp/demo-bench
 
 Each configuration is one whole conversion of SmolLM2-135M-Instruct (``exl2 demo``'s model) at the demo's
-bitrate, exl2core's defaults for everything but the rows: ``demo`` takes ``exl2 demo``'s rows, ``default``
-``exl2 convert``'s (16 × 2048 measurement, 100 × 2048 quantization), ``MRxML/QRxQL`` the rows given.
+bitrate, ``exl2 convert``'s defaults on this CPU for everything but the rows: ``demo`` takes ``exl2 demo``'s
+rows, ``default`` ``exl2 convert``'s (16 × 2048 measurement, 100 × 2048 quantization), ``MRxML/QRxQL`` the
+rows given.
 Reported: the conversion's wall time (the FP16 model is prepared beforehand; per stage from job.json's
 ``progress``, polled) and, per held-out domain of
 ``exl2 eval --domain``, KL(FP16 ‖ EXL2), perplexity and top-1 against the FP16 model. Checks issue #14's
@@ -31,6 +32,7 @@ from bench_calibration import DOMAINS, score  # noqa: E402
 from models import MODELS  # noqa: E402
 
 from exl2core.cli import build_parser  # noqa: E402
+from exl2core.modules.linear import native_product_dtype  # noqa: E402
 from exl2core.pipeline.convert import Runtime, convert  # noqa: E402
 from exl2core.pipeline.job import JOB_FILE, Settings  # noqa: E402
 
@@ -101,8 +103,9 @@ def main() -> int:
     for config in args.configs:
         if config not in results:
             out = args.work / f"model-{config.replace('/', '-')}"
-            seconds = timed_convert(Settings(in_dir=str(model_dir), bits=bits, compile_full=str(out),
-                                             **rows_of(config)), args.work / f"job-{config.replace('/', '-')}")
+            settings = Settings(in_dir=str(model_dir), bits=bits, compile_full=str(out),
+                                matmul_dtype=native_product_dtype("cpu"), **rows_of(config))
+            seconds = timed_convert(settings, args.work / f"job-{config.replace('/', '-')}")
             results[config] = {"seconds": seconds["total"], "stage_seconds": seconds,
                                **{d: asdict(score(out, model_dir, d, args)) for d in DOMAINS}}
             results_path.write_text(json.dumps(results, indent=1))

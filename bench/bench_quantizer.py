@@ -45,6 +45,8 @@ VARIANTS = {
     "strength-0.4": QuantizerOptions(fit="asymmetric", fit_strength=0.4, refine=2),
     "damp-0.25-refined-4": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=4, damp=0.25),
     "token-weighted": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, token_weight=0.25),
+    "token-weighted-bf16": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, token_weight=0.25,
+                                            matmul_dtype="bfloat16"),
     "token-weighted-0.5": QuantizerOptions(fit="asymmetric", fit_strength=0.5, refine=2, token_weight=0.5),
     "local-refined": QuantizerOptions(fit="local", refine=2),
     "local-token-weighted": QuantizerOptions(fit="local", refine=2, token_weight=0.25),
@@ -59,7 +61,7 @@ def arguments(options: QuantizerOptions) -> list[str]:
     """The ``exl2 convert`` arguments that quantize as ``options`` says, every one explicit."""
     return ["--scale-search", options.search, "--fit", options.fit, "--fit-strength", str(options.fit_strength),
             "--bit-layout", options.layout, "--refine", str(options.refine), "--damp", str(options.damp),
-            "--token-weight", str(options.token_weight)]
+            "--token-weight", str(options.token_weight), "--matmul-dtype", options.matmul_dtype]
 
 
 def model_dir(name_or_path: str | None) -> str:

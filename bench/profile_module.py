@@ -30,7 +30,7 @@ from exl2core.pipeline.quantize import QuantizerOptions, quantize_module
 from exl2core.pipeline.runner import embed_rows
 from exl2core.pipeline.sensitivity import Sensitivity
 from exl2core.plugins import resolve_plan
-from exl2core.quant.qparams import FITS, table_setting
+from exl2core.quant.qparams import FITS, PRODUCT_DTYPES, table_setting
 
 #: The table rows the quantization pass profile uses: 4-bit settings, typical of a 4.0 bpw target.
 QUANT_ROW = {"attn": 6, "mlp": 7}
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--fit", choices=FITS, default="local", help="the quantization pass's fit (--pass quant)")
     parser.add_argument("--fit-strength", type=float, default=1.0, help="the asymmetric fit's strength (--pass quant)")
     parser.add_argument("--refine", type=int, default=0, help="code refinement sweeps (--pass quant)")
+    parser.add_argument("--matmul-dtype", choices=PRODUCT_DTYPES, default="float32",
+                        help="dtype the block's forwards multiply their linears in (--pass quant)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
@@ -75,7 +77,8 @@ def main() -> None:
             # The asymmetric fit's reference: the unquantized model's states, here the block's own inputs.
             call = lambda: quantize_module(module_forward(module), module, weights, states,  # noqa: E731
                                            strategy, 6, _scratch(), options=QuantizerOptions(
-                                               fit=args.fit, fit_strength=args.fit_strength, refine=args.refine),
+                                               fit=args.fit, fit_strength=args.fit_strength, refine=args.refine,
+                                               matmul_dtype=args.matmul_dtype),
                                            reference=states)
         profile = cProfile.Profile()
         start = time.perf_counter()
