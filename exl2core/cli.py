@@ -68,9 +68,10 @@ def _add_convert(sub) -> None:
                         "output (squared gradients of a backward pass over a few rows), mixed in at this strength, "
                         "in [0, 1) (default 0.25; 0: every token alike)")
     p.add_argument("--matmul-dtype", choices=("auto",) + PRODUCT_DTYPES, default="auto",
-                   help="dtype the quantization pass's forwards multiply their linears in (accumulating in float32; "
-                        "norms, attention and the residual stay float32): auto (default) is bfloat16 on a CPU with "
-                        "AVX512-BF16 or AMX, about 3x faster, else float32; float32 gives earlier versions' bytes")
+                   help="dtype of the quantization pass's products: linears, attention, Hessians (summed in float32; "
+                        "norms, the residual stream and the head stay float32): auto (default) is bfloat16 on a CPU "
+                        "with AVX512-BF16 or AMX (a 1.9x faster pass), else float32, and on resume the job's own; "
+                        "float32 gives earlier bytes")
     p.add_argument("--bit-layout", choices=LAYOUTS, default="table",
                    help="table (default): group bit widths as the candidate table lays them out; hessian: rows "
                         "moved between the setting's widths and group sizes where GPTQ's error model gains, same "
@@ -97,7 +98,6 @@ def _convert(args) -> int:
     import torch
 
     from exl2core.distributed import AgreedError, join, leave
-    from exl2core.modules.linear import native_product_dtype
     from exl2core.pipeline.convert import Runtime, convert
     from exl2core.pipeline.job import JOB_FILE, Settings
 
@@ -121,7 +121,7 @@ def _convert(args) -> int:
         seed=args.seed, scale_search=args.scale_search, fit=args.fit, fit_strength=args.fit_strength,
         refine=args.refine, damp=args.damp, token_weight=args.token_weight, layout=args.bit_layout,
         cal_mix=args.cal_mix, measure=args.measure, sensitivity=args.sensitivity, kl_samples=args.kl_samples,
-        matmul_dtype=native_product_dtype(device) if args.matmul_dtype == "auto" else args.matmul_dtype)
+        matmul_dtype=_matmul_dtype(args, job_file, device))
     ranks = join(device)
     if ranks.world > 1:
         signal.signal(signal.SIGTERM, lambda *_: _ended_by_launcher(ranks.rank))
@@ -148,6 +148,21 @@ def _ended_by_launcher(rank: int) -> None:
 
     raise PeerLost(f"rank {rank} stopped (the launcher ended it after another rank failed); rerun the same "
                    "command, with any number of ranks, to resume")
+
+
+def _matmul_dtype(args, job_file: Path, device: str) -> str:
+    """--matmul-dtype auto: a resumed job keeps the dtype it started with (another machine's CPU may lack
+    native bfloat16), a new one takes this device's native one."""
+    from exl2core.modules.linear import native_product_dtype
+
+    if args.matmul_dtype != "auto":
+        return args.matmul_dtype
+    if job_file.is_file() and not args.no_resume:
+        try:
+            return json.loads(job_file.read_text())["settings"]["matmul_dtype"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a job from before the option, or one whose own reading names what is wrong with it
+    return native_product_dtype(device)
 
 
 #: The length flags by Settings field.

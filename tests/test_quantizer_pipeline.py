@@ -96,6 +96,19 @@ def test_bfloat16_products_keep_the_output_error(kl_by_option):
     assert kl_by_option["bfloat16-products"] != kl_by_option["float32-products"]
 
 
+def test_auto_matmul_dtype_keeps_a_resumed_jobs_own(convert_model, measured, tmp_path, capsys, monkeypatch):
+    """``auto`` is the device's native dtype for a new job only: a job resumed on a CPU without native
+    bfloat16 keeps its products."""
+    args = ["convert", "-i", str(convert_model), "-o", str(tmp_path / "job"), "-m", str(measured), *QUANT,
+            "--device", "cpu", "--status-json"]
+    assert main([*args, "--matmul-dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("exl2core.modules.linear.native_product_dtype", lambda device: "float32")
+    assert main(args) == 0
+    assert "settings changed" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "job" / "job.json").read_text())["settings"]["matmul_dtype"] == "bfloat16"
+
+
 def test_jobs_without_the_quantizer_settings_read_as_exllamav2s_fit_and_layout(tmp_path):
     Job.open(tmp_path / "job", Settings(in_dir="/m"))
     job_file = tmp_path / "job" / "job.json"
