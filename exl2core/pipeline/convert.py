@@ -41,7 +41,7 @@ from exl2core.pipeline.progress import Reporter
 from exl2core.pipeline.quantize import QuantizerOptions, perplexity_verdict, quantize_module
 from exl2core.pipeline.sensitivity import Sensitivity, measure_sensitivity, sensitivity_rows, sensitivity_steps
 from exl2core.pipeline.token_weights import TokenWeights, measure_token_weights, token_weight_rows
-from exl2core.quant.qparams import FITS, HEAD_OPTIONS, LAYOUTS, PRODUCT_DTYPES, TABLES, pad32, table_setting
+from exl2core.quant.qparams import FITS, HEAD_OPTIONS, LAYOUTS, TABLES, pad32, table_setting
 
 HEAD_BITS = tuple(sorted(HEAD_OPTIONS))
 
@@ -100,15 +100,13 @@ def validate_settings(s: Settings) -> None:
         raise Exl2Error(f"fit must be one of {', '.join(FITS)}, not {s.fit!r}")
     if s.layout not in LAYOUTS:
         raise Exl2Error(f"bit layout must be one of {', '.join(LAYOUTS)}, not {s.layout!r}")
-    quantizer_options(s)  # its own checks (fit strength, refinement sweeps), before any work starts
+    quantizer_options(s)  # its own checks (fit strength, refinement sweeps, matmul dtype), before any work starts
     if s.measure not in MEASURE_MODES:
         raise Exl2Error(f"measurement mode must be one of {', '.join(MEASURE_MODES)}, not {s.measure!r}")
     if s.sensitivity not in SENSITIVITY_MODES:
         raise Exl2Error(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, not {s.sensitivity!r}")
     if s.kl_samples < 0:
         raise Exl2Error(f"KL samples must be 0 (the whole vocabulary) or more, not {s.kl_samples}")
-    if s.matmul_dtype not in PRODUCT_DTYPES:
-        raise Exl2Error(f"matmul dtype must be one of {', '.join(PRODUCT_DTYPES)}, not {s.matmul_dtype!r}")
     if s.output_measurement and s.compile_full:
         raise Exl2Error("-om (measure only) and -cf (compile) cannot be combined")
 
