@@ -4,7 +4,8 @@ by the KL predicted from each linear's output sensitivity; ``--modes`` may add `
 models and held-out text.
 
     python bench/bench_allocation.py [--models smollm2 gemma3-270m] [--bits 2.5 3.0 4.0 5.0]
-        [--modes exact fast fast-marginal fast-isolated fast-isolated-whole fast-linear] [--fit local|asymmetric] [-mr 4 -ml 512 -r 16 -l 512]
+        [--modes exact fast fast-marginal fast-isolated fast-isolated-whole fast-linear fast-isolated-refs]
+        [--fit local|asymmetric] [-mr 4 -ml 512 -r 16 -l 512]
         [--eval-rows 8] [--work /tmp/bench_allocation] [--append-to FILE]
 
 Per model: one measurement per mode (``exl2 convert -om``, timed), then for each target one quantization
@@ -53,6 +54,11 @@ MODES = {
     "fast-isolated-whole": ["--measure", "fast", "--sensitivity", "isolated", "--kl-samples", "0"],
     "fast-linear": ["--measure", "fast", "--sensitivity", "linear"],
 }
+#: Modes whose measurement is made from another mode's finished one instead of a run of its own:
+#: ``fast-isolated-refs`` is fast-isolated with each slot's scale measured at ``REFERENCE_BPWS`` and interpolated
+#: (``bench_reference_bpw.py``), its measurement time that of the extra isolated-KL passes.
+DERIVED = {"fast-isolated-refs": "fast-isolated"}
+REFERENCE_BPWS = [2.2, 3.0, 4.5]
 
 
 
@@ -77,6 +83,23 @@ def convert(args: list[str], log: Path) -> tuple[float, float]:
     seconds = time.monotonic() - started
     timing.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu}))
     return seconds, cpu
+
+
+def derive(base: Path, mode: str) -> dict[str, float]:
+    """Write the measurement of ``DERIVED`` mode ``mode`` from its source mode's finished job; its cost."""
+    from bench_reference_bpw import reference_kls, rescaled
+
+    from exl2core.pipeline.sensitivity import Sensitivity
+
+    source = DERIVED[mode]
+    if not (base / f"meas-{source}.json").is_file():
+        raise SystemExit(f"{mode} is made from the {source} measurement: run --modes {source} first")
+    started, cpu = time.monotonic(), time.process_time()
+    kls = reference_kls(base / f"meas-{source}", REFERENCE_BPWS, base / f"meas-{mode}.kls.json")
+    scales = Sensitivity.load(base / f"meas-{source}" / "sensitivity.safetensors").scales
+    measurement = json.loads((base / f"meas-{source}.json").read_text())
+    (base / f"meas-{mode}.json").write_text(json.dumps(rescaled(measurement, scales, kls)))
+    return {"seconds": time.monotonic() - started, "cpu_seconds": time.process_time() - cpu}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -136,6 +159,10 @@ def run_model(name: str, model_dir: Path, a, work: Path, results: dict, windows_
     cal = ["-mr", str(a.measurement_rows), "-ml", str(a.measurement_length)]
     for mode in a.modes:
         if mode in res["measure"]:
+            continue
+        if mode in DERIVED:
+            res["measure"][mode] = derive(base, mode)
+            save(work, results)
             continue
         seconds, cpu = convert(["-i", str(model_dir), "-o", str(base / f"meas-{mode}"), *MODES[mode],
                                 "-om", str(base / f"meas-{mode}.json"), *cal], base / f"meas-{mode}.log")
@@ -247,7 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 4.0, 5.0])
-    parser.add_argument("--modes", nargs="+", default=["exact", "fast-isolated"], choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["exact", "fast-isolated"], choices=[*MODES, *DERIVED])
     parser.add_argument("--fit", help="the quantization pass's fit, the same for every mode (default: exl2 "
                         "convert's; local: the results recorded before the asymmetric fit became the default)")
     parser.add_argument("-mr", "--measurement-rows", type=int, default=4)
