@@ -17,7 +17,8 @@ from exl2core.distributed import Ranks
 from exl2core.model.source import SourceModel
 from exl2core.modules.forward import module_forward
 from exl2core.pipeline.hidden import HiddenStates
-from exl2core.pipeline.marginal import SCALE_RANGE, Marginals, measure_marginals, reference_settings
+from exl2core.pipeline.marginal import (LINEAR_SCALE_RANGE, SCALE_RANGE, Marginals, measure_marginals,
+                                       reference_settings)
 from exl2core.pipeline.runner import forward_rows, prepare_hessians
 from exl2core.pipeline.sensitivity import Sensitivity, measure_sensitivity
 from exl2core.plugins import resolve_plan
@@ -179,6 +180,16 @@ def test_scales_are_the_clamped_ratio():
     m = Marginals(predicted={"a": 0.01, "b": 0.01, "c": 0.01, "d": 0.0},
                   measured={"a": 0.02, "b": -0.001, "c": 1.0, "d": 0.3})
     assert m.scales() == {"a": pytest.approx(2.0), "b": SCALE_RANGE[0], "c": SCALE_RANGE[1], "d": 1.0}
+    wide = Marginals(m.predicted, m.measured, LINEAR_SCALE_RANGE)
+    assert wide.scales() == {"a": pytest.approx(2.0), "b": LINEAR_SCALE_RANGE[0], "c": pytest.approx(16.0), "d": 1.0}
+
+
+def test_linear_scales_take_the_wider_bounds(tiny_llama):
+    """Per-linear scales are clamped to LINEAR_SCALE_RANGE, slot scales to SCALE_RANGE."""
+    ids = tiny_llama.random_ids(batch=2, length=32)
+    plan, weights_of, sens = _setup(tiny_llama, ids)
+    assert measure_marginals(plan, weights_of, ids, "cpu", sens, mode="linear").bounds == LINEAR_SCALE_RANGE
+    assert measure_marginals(plan, weights_of, ids, "cpu", sens, mode="isolated").bounds == SCALE_RANGE
 
 
 def test_sensitivity_file_keeps_the_scales(tmp_path):
