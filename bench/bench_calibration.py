@@ -120,15 +120,15 @@ def table(results: dict, models: list[str], bits: list[float], mode: str, mixes:
     for name in models:
         for b in bits:
             for domain in DOMAINS:
-                per_seed = [[results.get(result_key(name, mode, mix, seed, b, domain)) for mix in mixes]
-                            for seed in seeds]
-                per_seed = [scores for scores in per_seed if all(s is not None for s in scores)]
+                per_seed = {seed: [results.get(result_key(name, mode, mix, seed, b, domain)) for mix in mixes]
+                            for seed in seeds}
+                per_seed = {seed: scores for seed, scores in per_seed.items() if None not in scores}
                 if not per_seed:
                     continue
-                for seed, scores in zip(seeds, per_seed):
+                for seed, scores in per_seed.items():
                     ratios = row(str(seed), scores)
                 if len(per_seed) > 1:
-                    ratios = row("mean", [{field: sum(s[i][field] for s in per_seed) / len(per_seed)
+                    ratios = row("mean", [{field: sum(s[i][field] for s in per_seed.values()) / len(per_seed)
                                            for field in ("kl", "perplexity", "ref_perplexity", "top1")}
                                           for i in range(len(mixes))])
                 limit = IMPROVE_DOMAINS.get(domain, MAX_RATIO)
